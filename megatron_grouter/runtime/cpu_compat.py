@@ -1,0 +1,92 @@
+"""Answers megatron-core's CUDA assumptions on machines without CUDA.
+
+megatron-core 0.16.1 runs its GPT/MoE model on CPU with gloo once a few places that assume a
+CUDA device are answered. Every answer lives here, is applied only when CUDA is absent, and
+is idempotent. On CUDA machines `apply_cpu_compat()` does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_APPLIED = False
+
+
+class CpuRNGStatesTracker:
+    """Named RNG streams for the model-parallel regions, kept as CPU generator states.
+
+    megatron's CudaRNGStatesTracker keeps CUDA generator states; layers call
+    `get_cuda_rng_tracker().fork(name)` around initialisation and dropout. Same contract here
+    with torch's CPU default generator.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def is_initialized(self) -> bool:
+        return bool(self.states_)
+
+    def reset(self) -> None:
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {name: state.clone() for name, state in self.states_.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self.states_ = {name: state.clone() for name, state in states.items()}
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise RuntimeError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        outer = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(outer)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def apply_cpu_compat() -> None:
+    """Patch the CUDA-only spots of megatron-core; a no-op when CUDA is available."""
+    global _APPLIED
+    if _APPLIED or torch.cuda.is_available():
+        return
+
+    # 1. Buffers (DotProductAttention, GlobalMemoryBuffer) are allocated on
+    #    torch.cuda.current_device(); answer with the CPU device.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+    # 2. The model-parallel RNG tracker forks CUDA generator states; track CPU states instead.
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    # 3. router_gating_linear names te_general_gemm, which only exists when Transformer Engine
+    #    imports; None selects its plain torch.mm path.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    # 4. dist_checkpointing's async filesystem writer synchronises CUDA after its copies to CPU.
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+
+    _APPLIED = True

@@ -1,0 +1,112 @@
+"""Process groups: torch.distributed (NCCL with CUDA, gloo without) and megatron parallel_state.
+
+Works with torchrun (reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT) and as a plain
+single process (a one-rank gloo group on a free loopback port).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_grouter.errors import UserError
+from megatron_grouter.runtime.cpu_compat import apply_cpu_compat
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    world_size: int
+    rank: int
+    local_rank: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    expert_parallel: int
+    data_parallel: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_layout(world_size: int, tensor_parallel: int, pipeline_parallel: int,
+                 expert_parallel: int, num_experts: int | None, cuda: bool) -> int:
+    """Validate a parallel layout; return the data-parallel size."""
+    model_parallel = tensor_parallel * pipeline_parallel
+    if min(tensor_parallel, pipeline_parallel, expert_parallel) < 1:
+        raise UserError("parallel sizes must be >= 1; set parallel.tensor/pipeline/expert to 1 or more")
+    if world_size % model_parallel:
+        raise UserError(f"world size {world_size} is not divisible by TP×PP = {model_parallel}; "
+                        "change parallel.tensor/pipeline or the number of processes")
+    data_parallel = world_size // model_parallel
+    if world_size % (tensor_parallel * expert_parallel * pipeline_parallel):
+        raise UserError(f"world size {world_size} is not divisible by TP×EP×PP = "
+                        f"{tensor_parallel * expert_parallel * pipeline_parallel}; "
+                        "change parallel.expert or the number of processes")
+    if num_experts is not None and num_experts % expert_parallel:
+        raise UserError(f"{num_experts} experts are not divisible by EP={expert_parallel}; "
+                        "choose parallel.expert dividing model.num_experts")
+    if pipeline_parallel > 1 and not cuda:
+        raise UserError("pipeline parallelism needs CUDA (megatron-core's pipeline schedules); "
+                        "set parallel.pipeline=1 on CPU")
+    return data_parallel
+
+
+def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1,
+                     num_experts: int | None = None, timeout_minutes: int = 30) -> ParallelLayout:
+    """Initialise torch.distributed and megatron's parallel_state; idempotent per process."""
+    from megatron.core import parallel_state
+
+    cuda = torch.cuda.is_available()
+    apply_cpu_compat()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    data_parallel = check_layout(world_size, tensor_parallel, pipeline_parallel, expert_parallel,
+                                 num_experts, cuda)
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group(backend=backend, world_size=world_size, rank=rank,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
+        distributed_timeout_minutes=timeout_minutes,
+        create_gloo_process_groups=cuda,
+    )
+    return ParallelLayout(world_size=world_size, rank=rank, local_rank=local_rank,
+                          tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+                          expert_parallel=expert_parallel, data_parallel=data_parallel,
+                          device=device, backend=backend)
+
+
+def shutdown_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,54 @@
+"""Global batches → this rank's micro-batches, by sample index: deterministic and resumable.
+
+Step `i` consumes samples [i·G, (i+1)·G) of the (already shuffled) GPTDataset; data-parallel rank
+r takes the r-th contiguous block of G/DP and splits it into micro-batches. Resuming at step i
+needs nothing but i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class MicroBatch:
+    tokens_BS: torch.Tensor
+    labels_BS: torch.Tensor
+    loss_mask_BS: torch.Tensor
+    position_ids_BS: torch.Tensor
+    sample_ids_B: torch.Tensor  # indices into the dataset
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        return MicroBatch(*(tensor.to(device, non_blocking=True) for tensor in
+                            (self.tokens_BS, self.labels_BS, self.loss_mask_BS,
+                             self.position_ids_BS, self.sample_ids_B)))
+
+
+def _as_tensor(value) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+
+
+def collate(dataset, sample_ids: list[int]) -> MicroBatch:
+    items = [dataset[index] for index in sample_ids]
+    stack = lambda key: torch.stack([_as_tensor(item[key]) for item in items])  # noqa: E731
+    return MicroBatch(tokens_BS=stack("tokens").long(), labels_BS=stack("labels").long(),
+                      loss_mask_BS=stack("loss_mask").float(),
+                      position_ids_BS=stack("position_ids").long(),
+                      sample_ids_B=torch.tensor(sample_ids, dtype=torch.long))
+
+
+def rank_sample_ids(step: int, global_batch_size: int, dp_rank: int, dp_size: int,
+                    dataset_size: int) -> list[int]:
+    per_rank = global_batch_size // dp_size
+    start = step * global_batch_size + dp_rank * per_rank
+    return [index % dataset_size for index in range(start, start + per_rank)]
+
+
+def micro_batches(dataset, step: int, global_batch_size: int, micro_batch_size: int,
+                  dp_rank: int, dp_size: int) -> list[MicroBatch]:
+    ids = rank_sample_ids(step, global_batch_size, dp_rank, dp_size, len(dataset))
+    return [collate(dataset, ids[start:start + micro_batch_size])
+            for start in range(0, len(ids), micro_batch_size)]

@@ -1,0 +1,181 @@
+"""Structured configs of the train app, and their validation.
+
+Hydra composes YAML from conf/; `to_train_config` merges it onto these dataclasses (types are
+checked by OmegaConf) and `validate` checks what types cannot, each failure one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megatron_grouter.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_cpu"
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: int = 512
+    num_experts: int = 16
+    moe_ffn_hidden_size: int = 128
+    topk: int = 2
+    first_dense_layers: int = 0
+    shared_expert_intermediate_size: Optional[int] = None
+    vocab_size: Optional[int] = None  # None: the tokenizer's, padded to a multiple of 128
+    max_position_embeddings: int = 4096
+    rotary_base: int = 10000
+    untie_embeddings: bool = True
+    qk_layernorm: bool = False
+    multi_latent_attention: bool = False
+    kv_lora_rank: int = 512
+    q_lora_rank: Optional[int] = None
+    qk_head_dim: int = 128
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 128
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+
+
+@dataclass
+class RouterConfig:
+    name: str = "aux_loss"
+    type: str = "topk"  # topk (megatron's TopKRouter)
+    load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | sinkhorn | none
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: Optional[float] = None
+    enable_expert_bias: bool = False
+    bias_update_rate: float = 1e-3
+    score_function: str = "softmax"
+    pre_softmax: bool = False
+    topk_scaling_factor: Optional[float] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "stdlib"  # "stdlib" or a path to text / a directory / .jsonl
+    out_dir: str = "data/stdlib"
+    prefix: Optional[str] = None  # an existing indexed dataset prefix; None: preprocess `corpus`
+    tokenizer: Optional[str] = None  # tokenizer dir / tokenizer.json; None: train a BPE
+    vocab_size: int = 4096
+    max_documents: Optional[int] = None
+    split: str = "96,2,2"
+    num_workers: int = 0
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    sequence_parallel: bool = False
+    dispatcher: str = "allgather"  # allgather | alltoall (CUDA)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    seq_length: int = 128
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    steps: int = 300
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    eval_interval: int = 50
+    eval_iters: int = 4
+    log_interval: int = 10
+    save_interval: int = 0  # 0: only at the end
+    out_dir: str = "outputs/run"
+    resume: str = "auto"  # auto | none | <checkpoint dir>
+    bf16: bool = False
+    max_steps_this_run: Optional[int] = None  # stop early (keeps the schedule of `steps`)
+
+
+@dataclass
+class LoggerConfig:
+    console: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_mode: str = "offline"
+    wandb_project: str = "megatron-grouter"
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    experiment: Optional[str] = None
+
+
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "sinkhorn", "none")
+
+
+def to_train_config(cfg: DictConfig | dict) -> RootConfig:
+    """Merge a composed config onto the schema; a type error becomes a one-line UserError."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    container = {key: value for key, value in container.items() if key != "hydra"}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RootConfig), container)
+        root = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        first_line = str(error).splitlines()[0]
+        raise UserError(f"invalid config: {first_line}") from None
+    return root
+
+
+def validate(root: RootConfig, world_size: int, tokenizer_vocab: int | None = None) -> None:
+    """Check what the types cannot; raise one UserError for the first problem found."""
+    model, router, train, parallel = root.model, root.router, root.train, root.parallel
+    if model.topk < 1 or model.topk > model.num_experts:
+        raise UserError(f"model.topk={model.topk} must be between 1 and model.num_experts="
+                        f"{model.num_experts}")
+    if model.hidden_size % model.num_attention_heads:
+        raise UserError(f"model.hidden_size={model.hidden_size} is not divisible by "
+                        f"model.num_attention_heads={model.num_attention_heads}")
+    if model.first_dense_layers >= model.num_layers:
+        raise UserError(f"model.first_dense_layers={model.first_dense_layers} leaves no MoE layer "
+                        f"in {model.num_layers} layers")
+    if router.type == "topk" and router.load_balancing_type not in LOAD_BALANCING_TYPES:
+        raise UserError(f"router.load_balancing_type={router.load_balancing_type!r} is unknown; "
+                        f"choose one of {', '.join(LOAD_BALANCING_TYPES)}")
+    if train.seq_length > model.max_position_embeddings:
+        raise UserError(f"train.seq_length={train.seq_length} exceeds model.max_position_embeddings="
+                        f"{model.max_position_embeddings}; shorten the sequence or raise the limit")
+    if model.num_experts % parallel.expert:
+        raise UserError(f"model.num_experts={model.num_experts} is not divisible by parallel.expert="
+                        f"{parallel.expert}")
+    model_parallel = parallel.tensor * parallel.pipeline
+    if world_size % (model_parallel * parallel.expert) or world_size % model_parallel:
+        raise UserError(f"world size {world_size} is not divisible by TP×EP×PP="
+                        f"{model_parallel * parallel.expert}; change parallel.* or the process count")
+    data_parallel = world_size // model_parallel
+    if train.global_batch_size % (train.micro_batch_size * data_parallel):
+        raise UserError(f"train.global_batch_size={train.global_batch_size} is not divisible by "
+                        f"micro_batch_size×data_parallel={train.micro_batch_size * data_parallel}")
+    if parallel.sequence_parallel and parallel.tensor == 1:
+        raise UserError("parallel.sequence_parallel needs parallel.tensor > 1")
+    if tokenizer_vocab is not None and model.vocab_size is not None and tokenizer_vocab > model.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer_vocab} tokens but model.vocab_size="
+                        f"{model.vocab_size}; raise model.vocab_size or leave it null")
+    if train.steps < 1 or train.warmup_steps < 0 or train.warmup_steps > train.steps:
+        raise UserError(f"train.warmup_steps={train.warmup_steps} must be within 0..train.steps="
+                        f"{train.steps}")
+    if train.resume not in ("auto", "none") and not train.resume:
+        raise UserError("train.resume must be auto, none or a checkpoint directory")

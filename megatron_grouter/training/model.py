@@ -1,0 +1,116 @@
+"""Builds megatron-core's GPTModel with MoE layers from our configs.
+
+Layer specs: Transformer Engine's when it imports (GPU images), megatron-core's local spec
+otherwise. The router of every MoE layer is the one the router config names (see
+routing/registry.py), plugged in through MoESubmodules.router.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megatron_grouter.routing.registry import router_kind
+from megatron_grouter.training.config import ModelConfig, ParallelConfig, RouterConfig
+
+
+def transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def padded_vocab_size(tokenizer_vocab: int, multiple: int = 128) -> int:
+    return -(-tokenizer_vocab // multiple) * multiple
+
+
+def moe_layer_pattern(model: ModelConfig) -> list[int]:
+    """1 for an MoE layer, 0 for a dense one (the first `first_dense_layers` are dense)."""
+    return [0 if index < model.first_dense_layers else 1 for index in range(model.num_layers)]
+
+
+def transformer_config(model: ModelConfig, router: RouterConfig, parallel: ParallelConfig,
+                       bf16: bool = False) -> TransformerConfig:
+    cuda = torch.cuda.is_available()
+    mla_fields = {}
+    config_class = TransformerConfig
+    if model.multi_latent_attention:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        config_class = MLATransformerConfig
+        mla_fields = dict(q_lora_rank=model.q_lora_rank, kv_lora_rank=model.kv_lora_rank,
+                          qk_head_dim=model.qk_head_dim, qk_pos_emb_head_dim=model.qk_pos_emb_head_dim,
+                          v_head_dim=model.v_head_dim)
+    return config_class(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        qk_layernorm=model.qk_layernorm,
+        init_method_std=model.init_method_std,
+        attention_dropout=model.attention_dropout,
+        hidden_dropout=model.hidden_dropout,
+        num_moe_experts=model.num_experts,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        moe_router_topk=model.topk,
+        moe_layer_freq=moe_layer_pattern(model),
+        moe_shared_expert_intermediate_size=model.shared_expert_intermediate_size,
+        moe_token_dispatcher_type=parallel.dispatcher,
+        moe_grouped_gemm=False,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        expert_model_parallel_size=parallel.expert,
+        sequence_parallel=parallel.sequence_parallel,
+        use_cpu_initialization=not cuda,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        **mla_fields,
+        **router_kind(router.type).config_fields(router),
+    )
+
+
+def layer_spec(config: TransformerConfig, router: RouterConfig):
+    """The decoder block spec, with our router in every MoE layer."""
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=transformer_engine_available(),
+                                      normalization="RMSNorm")
+    router_class = router_kind(router.type).router_class
+    for layer in spec.layer_specs:
+        mlp = layer.submodules.mlp
+        if getattr(mlp, "module", None) is MoELayer:
+            mlp.submodules.router = router_class
+    return spec
+
+
+def build_gpt_model(model: ModelConfig, router: RouterConfig, parallel: ParallelConfig,
+                    vocab_size: int, bf16: bool = False) -> GPTModel:
+    config = transformer_config(model, router, parallel, bf16=bf16)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config, router),
+        vocab_size=vocab_size,
+        max_sequence_length=model.max_position_embeddings,
+        share_embeddings_and_output_weights=not model.untie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=model.rotary_base,
+    )
+
+
+def moe_layers(gpt_model: torch.nn.Module) -> list[MoELayer]:
+    return [module for module in gpt_model.modules() if isinstance(module, MoELayer)]

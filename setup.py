@@ -1,0 +1,45 @@
+"""megatron-grouter: preemptive and probabilistic MoE routing for NVIDIA Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+CONSOLE_SCRIPTS = [
+    "mg-train=megatron_grouter.train:main",
+    "mg-preprocess=megatron_grouter.tools_entry:preprocess_main",
+]
+
+setup(
+    name="megatron-grouter",
+    version="0.1.0",
+    description="Preemptive (Grouter) and probabilistic (ProbMoE) routing for Megatron-Core MoE",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["megatron_grouter", "megatron_grouter.*"]),
+    package_data={"megatron_grouter": ["conf/**/*.yaml", "conf/*.yaml"]},
+    include_package_data=True,
+    install_requires=[
+        "torch==2.13.0",
+        "megatron-core==0.16.1",
+        "hydra-core>=1.3,<1.4",
+        "omegaconf>=2.3",
+        "numpy",
+        "tokenizers>=0.20",
+        "transformers>=4.56",
+        "safetensors>=0.4",
+        "tqdm",
+        "psutil",
+        "tensorboard",
+        "wandb",
+        "scipy",
+        "scikit-learn",
+        "matplotlib",
+    ],
+    extras_require={
+        # GPU images: Transformer Engine and apex come with NVIDIA's PyTorch container
+        # (see Dockerfile); installing them from PyPI needs CUDA and a compiler.
+        "gpu": ["transformer-engine[pytorch]", "apex"],
+        "test": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
+)
