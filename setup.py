@@ -14,7 +14,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.11,<3.12",
+    python_requires=">=3.10",
     packages=find_packages(include=["megatron_grouter", "megatron_grouter.*"]),
     package_data={"megatron_grouter": ["conf/**/*.yaml", "conf/*.yaml"]},
     include_package_data=True,

@@ -1,22 +1,31 @@
-"""Routers by name: the class plugged into MoESubmodules.router and its TransformerConfig fields.
+"""Routers by `router.type`: how to build the class megatron's MoELayer instantiates, and which
+TransformerConfig fields it needs.
 
-A router type registers a `RouterKind`; the model builder asks the registry for the class and the
-megatron TransformerConfig fields it needs, so adding a router touches no other module.
+megatron builds a router as `submodules.router(config=..., pg_collection=...)`; a router that
+needs more (the RoutingContext, an expert permutation) is handed over as a `functools.partial`.
+Adding a router touches only this table.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 from megatron_grouter.errors import UserError
+from megatron_grouter.routing.context import RoutingContext
 from megatron_grouter.routing.metered_router import MeteredTopKRouter
+from megatron_grouter.routing.preemptive_router import FixedRouter, HybridRouter
 
 
 @dataclass(frozen=True)
 class RouterKind:
-    router_class: type
+    # (RouterConfig, RoutingContext, slot_of_expert or None) -> what MoESubmodules.router holds
+    builder: Callable[[Any, RoutingContext, torch.Tensor | None], Callable]
     config_fields: Callable[[Any], dict]  # RouterConfig -> TransformerConfig kwargs
+    preemptive: bool = False
 
 
 def topk_config_fields(router) -> dict:
@@ -35,8 +44,27 @@ def topk_config_fields(router) -> dict:
     )
 
 
+def no_balancing_fields(router) -> dict:
+    return dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+                moe_z_loss_coeff=None, moe_router_dtype="fp32",
+                moe_router_topk_scaling_factor=router.topk_scaling_factor)
+
+
+def _fixed(router, context, slots):
+    return functools.partial(FixedRouter, context=context, slot_of_expert=slots,
+                             scaling_factor=router.grouter.scaling_factor,
+                             activation_threshold=router.grouter.activation_threshold)
+
+
+def _hybrid(router, context, slots):
+    return functools.partial(HybridRouter, context=context, slot_of_expert=slots)
+
+
 _ROUTERS: dict[str, RouterKind] = {
-    "topk": RouterKind(MeteredTopKRouter, topk_config_fields),
+    "topk": RouterKind(lambda router, context, slots: MeteredTopKRouter, topk_config_fields),
+    "grouter_fixed": RouterKind(_fixed, no_balancing_fields, preemptive=True),
+    "grouter_hybrid": RouterKind(_hybrid, no_balancing_fields, preemptive=True),
+    "hash": RouterKind(_hybrid, no_balancing_fields, preemptive=True),
 }
 
 

@@ -7,7 +7,7 @@ checked by OmegaConf) and `validate` checks what types cannot, each failure one 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -45,6 +45,21 @@ class ModelConfig:
 
 
 @dataclass
+class GrouterRoutingConfig:
+    path: Optional[str] = None  # a Grouter checkpoint directory
+    source: str = "online"  # online: run the frozen Grouter per micro-batch | cached: routing cache
+    cache: Optional[str] = None  # routing cache directory (source=cached)
+    scaling_factor: float = 1.0
+    activation_threshold: Optional[float] = None  # dynamic activation (off by default)
+    plan: Optional[str] = None  # an EP placement plan (expert permutation)
+
+
+@dataclass
+class HashRoutingConfig:
+    table: Optional[str] = None  # a hash table file; None: build one from the training data
+
+
+@dataclass
 class RouterConfig:
     name: str = "aux_loss"
     type: str = "topk"  # topk (megatron's TopKRouter)
@@ -56,7 +71,8 @@ class RouterConfig:
     score_function: str = "softmax"
     pre_softmax: bool = False
     topk_scaling_factor: Optional[float] = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    grouter: GrouterRoutingConfig = field(default_factory=GrouterRoutingConfig)
+    hash: HashRoutingConfig = field(default_factory=HashRoutingConfig)
 
 
 @dataclass

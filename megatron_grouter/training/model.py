@@ -13,6 +13,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from megatron_grouter.routing.context import RoutingContext
 from megatron_grouter.routing.registry import router_kind
 from megatron_grouter.training.config import ModelConfig, ParallelConfig, RouterConfig
 
@@ -86,24 +87,28 @@ def transformer_config(model: ModelConfig, router: RouterConfig, parallel: Paral
     )
 
 
-def layer_spec(config: TransformerConfig, router: RouterConfig):
+def layer_spec(config: TransformerConfig, router: RouterConfig, context: RoutingContext,
+               slot_of_expert: torch.Tensor | None = None):
     """The decoder block spec, with our router in every MoE layer."""
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=transformer_engine_available(),
                                       normalization="RMSNorm")
-    router_class = router_kind(router.type).router_class
+    router_builder = router_kind(router.type).builder(router, context, slot_of_expert)
     for layer in spec.layer_specs:
         mlp = layer.submodules.mlp
         if getattr(mlp, "module", None) is MoELayer:
-            mlp.submodules.router = router_class
+            mlp.submodules.router = router_builder
     return spec
 
 
 def build_gpt_model(model: ModelConfig, router: RouterConfig, parallel: ParallelConfig,
-                    vocab_size: int, bf16: bool = False) -> GPTModel:
+                    vocab_size: int, bf16: bool = False, context: RoutingContext | None = None,
+                    slot_of_expert: torch.Tensor | None = None) -> GPTModel:
+    """GPTModel whose preemptive routers (if any) read their routing from `context`."""
     config = transformer_config(model, router, parallel, bf16=bf16)
+    context = context or RoutingContext(sequence_parallel=parallel.sequence_parallel)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config, router),
+        transformer_layer_spec=layer_spec(config, router, context, slot_of_expert),
         vocab_size=vocab_size,
         max_sequence_length=model.max_position_embeddings,
         share_embeddings_and_output_weights=not model.untie_embeddings,

@@ -20,6 +20,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_grouter.errors import UserError
+from megatron_grouter.routing.context import RoutingContext
 from megatron_grouter.runtime.distributed import ParallelLayout
 from megatron_grouter.training import checkpoint as ckpt
 from megatron_grouter.training.batches import MicroBatch, micro_batches
@@ -46,7 +47,8 @@ def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, config: RootConfig, layout: ParallelLayout, train_dataset, valid_dataset,
-                 vocab_size: int, run_hooks: list | None = None):
+                 vocab_size: int, run_hooks: list | None = None,
+                 slot_of_expert: torch.Tensor | None = None):
         self.config = config
         self.layout = layout
         self.train_dataset = train_dataset
@@ -59,8 +61,10 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = train.global_batch_size // (train.micro_batch_size * self.dp_size)
 
+        self.routing_context = RoutingContext(sequence_parallel=config.parallel.sequence_parallel)
         model = build_gpt_model(config.model, config.router, config.parallel, vocab_size,
-                                bf16=train.bf16).to(layout.device)
+                                bf16=train.bf16, context=self.routing_context,
+                                slot_of_expert=slot_of_expert).to(layout.device)
         layout_invariant_init(model, train.seed, config.model.init_method_std,
                               config.model.num_layers, config.model.num_experts)
         self.model = model

@@ -1,0 +1,54 @@
+"""Where preemptive routing comes from, per micro-batch, and the trainer hook that delivers it.
+
+A routing source maps a micro-batch to `Routing` (top-k source-expert ids and gate weights for
+every token). Sources: the frozen Grouter run online, the routing cache written offline, a
+token-id hash table. `PreemptiveRoutingHook` fills the model's RoutingContext before each forward
+and clears it after, so routing can never leak from one batch into the next.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from megatron_grouter.routing.context import Routing, RoutingContext
+
+
+class RoutingSource(Protocol):
+    def routing_for(self, batch) -> Routing:
+        """Routing for every token of `batch` (a training MicroBatch)."""
+
+
+class HashTableSource:
+    """Each token id always goes to the same k experts: table_VK[token] (the hash-layer baseline).
+
+    Gate weights are uniform here; the hybrid router replaces them with its trainable gate.
+    """
+
+    def __init__(self, table_VK: torch.Tensor):
+        self.table_VK = table_VK.long()
+
+    def routing_for(self, batch) -> Routing:
+        indices_BSK = self.table_VK[batch.tokens_BS.cpu()]
+        weights_BSK = torch.full(indices_BSK.shape, 1.0 / indices_BSK.shape[-1])
+        return Routing.from_batch_first(indices_BSK, weights_BSK)
+
+
+class PreemptiveRoutingHook:
+    def __init__(self, source: RoutingSource, context: RoutingContext):
+        self.source = source
+        self.context = context
+
+    def before_forward(self, trainer, batch) -> None:
+        routing = self.source.routing_for(batch)
+        device = batch.tokens_BS.device
+        self.context.set(Routing(routing.indices_SBK.to(device), routing.weights_SBK.to(device)))
+
+    def after_forward(self, trainer, batch) -> None:
+        self.context.clear()
+
+    def step_metrics(self, trainer) -> dict:
+        entropies = [layer.router.take_gate_entropy() for layer in trainer.moe_layers
+                     if hasattr(layer.router, "take_gate_entropy")]
+        return {"moe/gate_entropy": sum(entropies) / len(entropies)} if entropies else {}

@@ -1,0 +1,63 @@
+"""mg-train: pretrain a Megatron-Core MoE GPT (python -m megatron_grouter.train).
+
+Hydra app over conf/ (groups: model, router, data, parallel, train, logger, experiment).
+  mg-train                                   tiny_cpu on the built-in stdlib corpus
+  mg-train router=seq_aux_loss train.steps=600
+  torchrun --nproc-per-node 2 -m megatron_grouter.train parallel=ep2
+  mg-train --cfg job                         print the composed config
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from megatron_grouter.app import CONF_DIR, run_app
+
+log = logging.getLogger("megatron_grouter")
+
+
+def train(cfg: DictConfig) -> dict:
+    from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
+    from megatron_grouter.runtime.seed import set_seed
+    from megatron_grouter.training.config import to_train_config, validate
+    from megatron_grouter.training.data_setup import prepare_datasets
+    from megatron_grouter.training.loggers import setup_console_logging
+    from megatron_grouter.training.trainer import Trainer
+
+    root = to_train_config(cfg)
+    import os
+
+    validate(root, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    layout = init_distributed(root.parallel.tensor, root.parallel.pipeline, root.parallel.expert,
+                              num_experts=root.model.num_experts)
+    setup_console_logging(layout.is_main)
+    try:
+        log.info("mg-train: model=%s router=%s world=%d (TP=%d EP=%d DP=%d) on %s/%s",
+                 root.model.name, root.router.name, layout.world_size, layout.tensor_parallel,
+                 layout.expert_parallel, layout.data_parallel, layout.device.type, layout.backend)
+        set_seed(root.train.seed)
+        data = prepare_datasets(root, layout)
+        validate(root, layout.world_size, tokenizer_vocab=data.tokenizer.vocab_size)
+        trainer = Trainer(root, layout, data.train, data.valid, vocab_size=data.model_vocab_size)
+        summary = trainer.run()
+        log.info("done: %s", summary)
+        return summary
+    finally:
+        shutdown_distributed()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    run_app(train, cfg)
+
+
+def main() -> None:
+    hydra_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Bad configs fail up front with one line that names the problem; no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_grouter.errors import UserError
+from megatron_grouter.training.config import to_train_config, validate
+from train_runs import REPO, compose
+
+
+def config(*overrides):
+    return to_train_config(compose(list(overrides)))
+
+
+@pytest.mark.parametrize("overrides, world, needle", [
+    (["model.topk=20"], 1, "model.topk=20"),
+    (["parallel.expert=3"], 3, "not divisible by parallel.expert=3"),
+    (["parallel.expert=2"], 3, "world size 3"),
+    (["train.seq_length=4096"], 1, "max_position_embeddings"),
+    (["model.hidden_size=130"], 1, "num_attention_heads"),
+    (["train.global_batch_size=12"], 1, "global_batch_size=12"),
+    (["router.load_balancing_type=magic"], 1, "load_balancing_type"),
+    (["model.first_dense_layers=4"], 1, "first_dense_layers"),
+])
+def test_validation_errors_are_one_line(overrides, world, needle):
+    with pytest.raises(UserError) as error:
+        validate(config(*overrides), world_size=world)
+    assert needle in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_tokenizer_larger_than_model_vocab():
+    with pytest.raises(UserError, match="tokenizer has 5000 tokens"):
+        validate(config("model.vocab_size=4096"), world_size=1, tokenizer_vocab=5000)
+
+
+def test_wrong_type_is_reported():
+    with pytest.raises(UserError, match="invalid config"):
+        config("model.num_layers=many")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "megatron_grouter.train", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_prints_one_line_error_and_exit_code_2():
+    result = run_cli("model.topk=99")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: model.topk=99")
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_prints_composed_config():
+    result = run_cli("--cfg", "job", "router=seq_aux_loss", "parallel=ep2")
+    assert result.returncode == 0
+    assert "load_balancing_type: seq_aux_loss" in result.stdout
+    assert "expert: 2" in result.stdout
