@@ -21,7 +21,8 @@ class ModelConfig:
     num_layers: int = 4
     hidden_size: int = 128
     num_attention_heads: int = 4
-    num_query_groups: Optional[int] = None
+    num_query_groups: Optional[int] = None  # GQA key/value groups; None: one per head
+    kv_channels: Optional[int] = None  # head dimension; None: hidden_size / num_attention_heads
     ffn_hidden_size: int = 512
     num_experts: int = 16
     moe_ffn_hidden_size: int = 128

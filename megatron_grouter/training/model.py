@@ -54,6 +54,7 @@ def transformer_config(model: ModelConfig, router: RouterConfig, parallel: Paral
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
         ffn_hidden_size=model.ffn_hidden_size,
         normalization="RMSNorm",
         gated_linear_unit=True,
