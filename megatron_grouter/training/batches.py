@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from megatron_grouter.data.sample_tokens import input_token_positions
+
 
 @dataclass
 class MicroBatch:
@@ -20,11 +22,15 @@ class MicroBatch:
     loss_mask_BS: torch.Tensor
     position_ids_BS: torch.Tensor
     sample_ids_B: torch.Tensor  # indices into the dataset
+    # Global .bin positions of the input tokens (GPTDataset only): how preemptive routing
+    # computed per document finds these tokens. Stays on the host.
+    token_positions_BS: np.ndarray | None = None
 
     def to(self, device: torch.device) -> "MicroBatch":
-        return MicroBatch(*(tensor.to(device, non_blocking=True) for tensor in
-                            (self.tokens_BS, self.labels_BS, self.loss_mask_BS,
-                             self.position_ids_BS, self.sample_ids_B)))
+        tensors = (self.tokens_BS, self.labels_BS, self.loss_mask_BS, self.position_ids_BS,
+                   self.sample_ids_B)
+        return MicroBatch(*(tensor.to(device, non_blocking=True) for tensor in tensors),
+                          token_positions_BS=self.token_positions_BS)
 
 
 def _as_tensor(value) -> torch.Tensor:
@@ -34,10 +40,13 @@ def _as_tensor(value) -> torch.Tensor:
 def collate(dataset, sample_ids: list[int]) -> MicroBatch:
     items = [dataset[index] for index in sample_ids]
     stack = lambda key: torch.stack([_as_tensor(item[key]) for item in items])  # noqa: E731
+    positions = (input_token_positions(dataset, sample_ids) if hasattr(dataset, "sample_index")
+                 else None)
     return MicroBatch(tokens_BS=stack("tokens").long(), labels_BS=stack("labels").long(),
                       loss_mask_BS=stack("loss_mask").float(),
                       position_ids_BS=stack("position_ids").long(),
-                      sample_ids_B=torch.tensor(sample_ids, dtype=torch.long))
+                      sample_ids_B=torch.tensor(sample_ids, dtype=torch.long),
+                      token_positions_BS=positions)
 
 
 def rank_sample_ids(step: int, global_batch_size: int, dp_rank: int, dp_size: int,

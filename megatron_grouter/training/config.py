@@ -163,9 +163,17 @@ def validate(root: RootConfig, world_size: int, tokenizer_vocab: int | None = No
     if model.topk < 1 or model.topk > model.num_experts:
         raise UserError(f"model.topk={model.topk} must be between 1 and model.num_experts="
                         f"{model.num_experts}")
-    if model.hidden_size % model.num_attention_heads:
+    if (model.kv_channels is None and not model.multi_latent_attention
+            and model.hidden_size % model.num_attention_heads):
         raise UserError(f"model.hidden_size={model.hidden_size} is not divisible by "
-                        f"model.num_attention_heads={model.num_attention_heads}")
+                        f"model.num_attention_heads={model.num_attention_heads}; change one or set "
+                        "model.kv_channels")
+    if model.multi_latent_attention:
+        from megatron_grouter.training.model import transformer_engine_available
+
+        if not transformer_engine_available():
+            raise UserError("model.multi_latent_attention needs Transformer Engine (GPU); megatron-core's "
+                            "local layer spec cannot build MLA: use a GPU image or a non-MLA preset")
     if model.first_dense_layers >= model.num_layers:
         raise UserError(f"model.first_dense_layers={model.first_dense_layers} leaves no MoE layer "
                         f"in {model.num_layers} layers")

@@ -54,6 +54,7 @@ class Trainer:
         self.train_dataset = train_dataset
         self.valid_dataset = valid_dataset
         self.hooks = run_hooks or []
+        self.vocab_size = vocab_size
         train = config.train
         self.out_dir = Path(train.out_dir)
         self.checkpoint_root = self.out_dir / "checkpoints"
