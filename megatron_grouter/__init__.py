@@ -8,3 +8,4 @@ import warnings as _warnings
 # CPU that is the expected configuration, so say it once in the docs instead of on every run.
 _warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|apex|TE) .*not installed.*")
 _warnings.filterwarnings("ignore", message=r".*Apex is not installed.*")
+_warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")

@@ -10,6 +10,7 @@ Hydra app over conf/ (groups: model, router, data, parallel, train, logger, expe
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -21,6 +22,7 @@ log = logging.getLogger("megatron_grouter")
 
 
 def train(cfg: DictConfig) -> dict:
+    from megatron_grouter.routing.setup import build_routing_hook
     from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
     from megatron_grouter.runtime.seed import set_seed
     from megatron_grouter.training.config import to_train_config, validate
@@ -29,8 +31,6 @@ def train(cfg: DictConfig) -> dict:
     from megatron_grouter.training.trainer import Trainer
 
     root = to_train_config(cfg)
-    import os
-
     validate(root, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     layout = init_distributed(root.parallel.tensor, root.parallel.pipeline, root.parallel.expert,
                               num_experts=root.model.num_experts)
@@ -43,6 +43,9 @@ def train(cfg: DictConfig) -> dict:
         data = prepare_datasets(root, layout)
         validate(root, layout.world_size, tokenizer_vocab=data.tokenizer.vocab_size)
         trainer = Trainer(root, layout, data.train, data.valid, vocab_size=data.model_vocab_size)
+        hook = build_routing_hook(root, trainer, data.prefix, data.tokenizer, layout.device)
+        if hook is not None:
+            trainer.hooks.append(hook)
         summary = trainer.run()
         log.info("done: %s", summary)
         return summary

@@ -52,3 +52,26 @@ class PreemptiveRoutingHook:
         entropies = [layer.router.take_gate_entropy() for layer in trainer.moe_layers
                      if hasattr(layer.router, "take_gate_entropy")]
         return {"moe/gate_entropy": sum(entropies) / len(entropies)} if entropies else {}
+
+
+class OnlineGrouterSource:
+    """The frozen Grouter, run on the document windows of each micro-batch (no grad)."""
+
+    def __init__(self, online_routing):
+        self.online_routing = online_routing
+
+    def routing_for(self, batch) -> Routing:
+        indices_BSK, weights_BSK = self.online_routing.route_positions(batch.token_positions_BS)
+        return Routing.from_batch_first(indices_BSK, weights_BSK)
+
+
+class CachedRoutingSource:
+    """Rows of the routing cache for each token of the micro-batch."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def routing_for(self, batch) -> Routing:
+        positions_BS = batch.token_positions_BS.clip(min=0)  # padding: routed like position 0
+        indices_BSK, weights_BSK = self.cache.rows(positions_BS)
+        return Routing.from_batch_first(indices_BSK, weights_BSK)

@@ -96,9 +96,10 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module,
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
+        tmp.mkdir(parents=True)
     _barrier()
     dist_checkpointing.save(sharded_state(model, optimizer), str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:

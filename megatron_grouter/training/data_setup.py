@@ -52,6 +52,8 @@ def prepare_datasets(root: RootConfig, layout: ParallelLayout) -> TrainingData:
     if dist.is_initialized():
         dist.broadcast_object_list(shared, src=0)
     prefix, tokenizer_path = shared
+    # Record what was resolved, so checkpoints (and teachers built from them) know the data.
+    data.prefix, data.tokenizer = prefix, tokenizer_path
     tokenizer = load_tokenizer(tokenizer_path)
     check_dataset_tokenizer(prefix, tokenizer)
     num_samples = (train.steps * train.global_batch_size,

@@ -62,5 +62,7 @@ class MetricsLogger:
 def setup_console_logging(is_main: bool) -> None:
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True)
+    # Hydra's logging setup disables loggers created before it ran (ours, at import time).
+    logging.getLogger("megatron_grouter").disabled = False
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -145,6 +145,7 @@ class Trainer:
     # ----------------------------------------------------------------- checkpoints
     def train_state(self) -> dict:
         return {"tokens_seen": self.tokens_seen, "world_size": self.layout.world_size,
+                "config": asdict(self.config), "vocab_size": self.vocab_size,
                 "expert_parallel": self.layout.expert_parallel,
                 "tensor_parallel": self.layout.tensor_parallel}
 

@@ -1,0 +1,64 @@
+"""GPTDatasets (train/valid/test) through megatron-core's BlendedMegatronDatasetBuilder.
+
+megatron splits by *document*; each stdlib file is one document, so validation is held out by
+file, never by offset inside a file.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.tokenizers import MegatronTokenizerBase
+
+from megatron_grouter.data.tokenizer import Tokenizer
+
+
+class MegatronTokenizerAdapter(MegatronTokenizerBase):
+    """What GPTDataset asks of a tokenizer: vocab size, EOD id, pad id."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        # Part of the hash that names GPTDataset's index cache files.
+        self.unique_identifiers = {"class": "megatron_grouter.Tokenizer", **tokenizer.fingerprint()}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self.tokenizer.eod_id
+
+    @property
+    def pad(self) -> int:
+        return -1  # GPTDataset pads with this id and masks it out of the loss
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    # Declared abstract by MegatronTokenizerBase; GPTDataset never calls them.
+    @property
+    def vocab(self):
+        return self.tokenizer.backend.get_vocab()
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError("chat templates are not used for pretraining data")
+
+
+def build_gpt_datasets(prefix: str, tokenizer: Tokenizer, seq_length: int, seed: int, split: str,
+                       num_samples: tuple[int, int, int], cache_dir: str | None = None):
+    """(train, valid, test) GPTDatasets; an empty split gives None."""
+    config = GPTDatasetConfig(random_seed=seed, sequence_length=seq_length, blend=([prefix], None),
+                              split=split, path_to_cache=cache_dir,
+                              tokenizer=MegatronTokenizerAdapter(tokenizer),
+                              reset_position_ids=False, reset_attention_mask=False,
+                              eod_mask_loss=False, create_attention_mask=False,
+                              mmap_bin_files=True)
+    sizes = [max(0, int(count)) for count in num_samples]
+    # Index files are built by rank 0 of each process group and loaded by the others.
+    built_on_rank = (lambda: dist.get_rank() == 0) if dist.is_initialized() else (lambda: True)
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, built_on_rank, config).build()

@@ -1,0 +1,72 @@
+"""mg-predispatch: write the routing cache of a dataset (see data/routing_cache.py).
+
+Resumable: rerunning with the same arguments skips finished chunks. Under torchrun the chunks are
+split over the ranks, each writing its rows straight into the shared memory-mapped files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from megatron_grouter.app import CONF_DIR, run_app
+
+log = logging.getLogger("megatron_grouter")
+
+
+def predispatch(cfg: DictConfig) -> dict:
+    from megatron_grouter.data.routing_cache import write_cache
+    from megatron_grouter.data.indexed import check_dataset_tokenizer
+    from megatron_grouter.data.tokenizer import load_tokenizer
+    from megatron_grouter.grouter.checkpoint import grouter_fingerprint, load_grouter
+    from megatron_grouter.routing.setup import default_cache_dir
+    from megatron_grouter.training.loggers import setup_console_logging
+
+    import os
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    setup_console_logging(rank == 0)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    check_dataset_tokenizer(cfg.data.prefix, tokenizer)
+    grouter, _ = load_grouter(cfg.grouter, expected_tokenizer=tokenizer.fingerprint())
+    grouter.eval().requires_grad_(False).to(device)
+    fingerprint = grouter_fingerprint(cfg.grouter)
+    cache_dir = cfg.cache or str(default_cache_dir(cfg.data.prefix, fingerprint))
+    log.info("predispatch: %s -> %s (E=%d, top-%d, window %d, %d process(es))", cfg.data.prefix,
+             cache_dir, grouter.config.num_experts, grouter.config.topk,
+             grouter.config.max_seq_length, world_size)
+    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+    if rank == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+    barrier()
+    stats = write_cache(cache_dir, cfg.data.prefix, grouter, fingerprint,
+                        window=grouter.config.max_seq_length, rank=rank, world_size=world_size,
+                        chunk_windows=cfg.chunk_windows, device=device, barrier=barrier)
+    log.info("predispatch done: %s", json.dumps(stats))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return {"cache": cache_dir, **stats}
+
+
+@hydra.main(config_path=str(CONF_DIR / "tool"), config_name="predispatch", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    run_app(predispatch, cfg)
+
+
+def main() -> None:
+    hydra_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Turns the router config into the routing source and trainer hook a preemptive router needs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_grouter.errors import UserError
+from megatron_grouter.routing.registry import router_kind
+from megatron_grouter.routing.sources import (CachedRoutingSource, HashTableSource,
+                                              OnlineGrouterSource, PreemptiveRoutingHook)
+
+log = logging.getLogger("megatron_grouter")
+
+
+def default_cache_dir(prefix: str, grouter_fingerprint: str) -> Path:
+    """Caches live beside their dataset, one directory per Grouter."""
+    return Path(prefix + ".routing") / grouter_fingerprint[:16]
+
+
+def load_configured_grouter(root, tokenizer, device: torch.device):
+    from megatron_grouter.grouter.checkpoint import grouter_fingerprint, load_grouter
+
+    settings = root.router.grouter
+    if not settings.path:
+        raise UserError(f"router={root.router.name} needs router.grouter.path (a Grouter checkpoint "
+                        "directory, e.g. from mg-distill)")
+    grouter, _ = load_grouter(settings.path, expected_num_experts=root.model.num_experts,
+                              expected_tokenizer=tokenizer.fingerprint())
+    if grouter.config.topk != root.model.topk:
+        raise UserError(f"Grouter at {settings.path} routes top-{grouter.config.topk} but model.topk="
+                        f"{root.model.topk}; set model.topk={grouter.config.topk}")
+    grouter.eval().requires_grad_(False).to(device)
+    return grouter, grouter_fingerprint(settings.path)
+
+
+def build_hash_source(root, prefix: str, tokenizer, vocab_size: int) -> HashTableSource:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_grouter.routing.hash_table import (balanced_hash_table, load_table,
+                                                     token_frequencies)
+
+    if root.router.hash.table:
+        table_VK = load_table(root.router.hash.table, root.model.num_experts, root.model.topk, vocab_size)
+    else:
+        dtype = IndexedDataset(prefix, mmap=True).index.dtype
+        counts_V = token_frequencies(prefix + ".bin", dtype, vocab_size)
+        table_VK = balanced_hash_table(counts_V, root.model.num_experts, root.model.topk,
+                                       seed=root.train.seed)
+    return HashTableSource(torch.from_numpy(np.asarray(table_VK)))
+
+
+def build_routing_hook(root, trainer, prefix: str, tokenizer, device: torch.device):
+    """The hook that feeds the model's RoutingContext, or None for learned routers."""
+    if not router_kind(root.router.type).preemptive:
+        return None
+    if root.router.type == "hash":
+        source = build_hash_source(root, prefix, tokenizer, trainer.vocab_size)
+    else:
+        grouter, fingerprint = load_configured_grouter(root, tokenizer, device)
+        settings = root.router.grouter
+        if settings.source == "online":
+            from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+            from megatron_grouter.routing.windows import DocumentWindows, OnlineGrouterRouting
+
+            windows = DocumentWindows(IndexedDataset(prefix, mmap=True), grouter.config.max_seq_length)
+            source = OnlineGrouterSource(OnlineGrouterRouting(grouter, windows, device))
+        elif settings.source == "cached":
+            from megatron_grouter.data.routing_cache import open_cache
+
+            cache_dir = settings.cache or default_cache_dir(prefix, fingerprint)
+            cache = open_cache(cache_dir, prefix, grouter_fingerprint=fingerprint,
+                               num_experts=root.model.num_experts, topk=root.model.topk)
+            if cache.manifest["window"] != grouter.config.max_seq_length:
+                raise UserError(f"routing cache {cache_dir} used window {cache.manifest['window']} but "
+                                f"the Grouter's is {grouter.config.max_seq_length}; predispatch again")
+            source = CachedRoutingSource(cache)
+        else:
+            raise UserError(f"router.grouter.source={settings.source!r}: choose online or cached")
+        log.info("router %s: Grouter %s (%s routing)", root.router.name, settings.path, settings.source)
+    return PreemptiveRoutingHook(source, trainer.routing_context)
