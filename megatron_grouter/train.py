@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from megatron_grouter.app import CONF_DIR, run_app
+from megatron_grouter.training.config import register_schema
 
 log = logging.getLogger("megatron_grouter")
 
@@ -51,6 +52,9 @@ def train(cfg: DictConfig) -> dict:
         return summary
     finally:
         shutdown_distributed()
+
+
+register_schema()
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

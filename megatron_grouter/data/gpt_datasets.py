@@ -6,7 +6,6 @@ file, never by offset inside a file.
 
 from __future__ import annotations
 
-import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.tokenizers import MegatronTokenizerBase
@@ -59,6 +58,6 @@ def build_gpt_datasets(prefix: str, tokenizer: Tokenizer, seq_length: int, seed:
                               eod_mask_loss=False, create_attention_mask=False,
                               mmap_bin_files=True)
     sizes = [max(0, int(count)) for count in num_samples]
-    # Index files are built by rank 0 of each process group and loaded by the others.
-    built_on_rank = (lambda: dist.get_rank() == 0) if dist.is_initialized() else (lambda: True)
-    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, built_on_rank, config).build()
+    # Every rank gets its datasets; megatron's builder writes the index cache on rank 0 first
+    # and lets the other ranks load it after a barrier.
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()

@@ -138,7 +138,13 @@ class RootConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    experiment: Optional[str] = None
+
+
+def register_schema() -> None:
+    """Make RootConfig the base of conf/config.yaml: every field can be overridden and is typed."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=RootConfig)
 
 
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "sinkhorn", "none")
@@ -177,6 +183,9 @@ def validate(root: RootConfig, world_size: int, tokenizer_vocab: int | None = No
     if model.first_dense_layers >= model.num_layers:
         raise UserError(f"model.first_dense_layers={model.first_dense_layers} leaves no MoE layer "
                         f"in {model.num_layers} layers")
+    from megatron_grouter.routing.registry import router_kind
+
+    router_kind(router.type)
     if router.type == "topk" and router.load_balancing_type not in LOAD_BALANCING_TYPES:
         raise UserError(f"router.load_balancing_type={router.load_balancing_type!r} is unknown; "
                         f"choose one of {', '.join(LOAD_BALANCING_TYPES)}")

@@ -1,0 +1,1 @@
+"""Tests against a throwaway real Slurm cluster (see slurm_harness.py)."""

@@ -1,0 +1,1 @@
+"""Tests of the routing-aware EP placement planner."""
