@@ -4,7 +4,8 @@ from setuptools import find_packages, setup
 
 CONSOLE_SCRIPTS = [
     "mg-train=megatron_grouter.train:main",
-    "mg-preprocess=megatron_grouter.tools_entry:preprocess_main",
+    "mg-preprocess=megatron_grouter.offline.preprocess:main",
+    "mg-predispatch=megatron_grouter.offline.predispatch:main",
 ]
 
 setup(

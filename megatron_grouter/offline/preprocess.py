@@ -1,0 +1,76 @@
+"""mg-preprocess: text / a directory of text / JSONL / the built-in stdlib corpus → tokenizer and
+megatron indexed dataset.
+
+  mg-preprocess --input stdlib --train-tokenizer --vocab-size 4096 --output-prefix data/stdlib/stdlib
+  mg-preprocess --input c4.jsonl --tokenizer /models/Qwen3-30B-A3B --output-prefix data/c4/c4
+Writes <output-prefix>_text_document.bin/.idx/.meta.json (and <dir>/tokenizer/ when training one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from itertools import islice
+from pathlib import Path
+
+from megatron_grouter.errors import UserError
+
+log = logging.getLogger("megatron_grouter")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mg-preprocess", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True,
+                        help="'stdlib' (this Python's standard library), a text file, a directory, or .jsonl")
+    parser.add_argument("--jsonl-key", default="text", help="JSONL field holding the text (default: text)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tokenizer", help="a tokenizer.json or a local Hugging Face model directory")
+    source.add_argument("--train-tokenizer", action="store_true",
+                        help="train a byte-level BPE on the input (saved beside the output)")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (with --train-tokenizer)")
+    parser.add_argument("--output-prefix", required=True, help="output path prefix")
+    parser.add_argument("--max-documents", type=int, default=None, help="use only the first N documents")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def preprocess(args: argparse.Namespace) -> str:
+    from megatron_grouter.data.corpus import iter_documents
+    from megatron_grouter.data.default_corpus import BPE_SAMPLE_EVERY
+    from megatron_grouter.data.indexed import write_indexed_dataset
+    from megatron_grouter.data.tokenizer import load_tokenizer, train_byte_level_bpe
+
+    if args.vocab_size < 300:
+        raise UserError(f"--vocab-size {args.vocab_size} is below the 256 byte symbols plus merges; use ≥ 300")
+    output_prefix = f"{args.output_prefix}_text_document"
+    if args.train_tokenizer:
+        texts = (document.text for document in islice(
+            iter_documents(args.input, args.jsonl_key, args.max_documents), 0, None, BPE_SAMPLE_EVERY))
+        tokenizer_dir = Path(args.output_prefix).parent / "tokenizer"
+        tokenizer = train_byte_level_bpe(texts, args.vocab_size, tokenizer_dir)
+        log.info("trained a %d-token byte-level BPE -> %s", tokenizer.vocab_size, tokenizer_dir)
+    else:
+        tokenizer = load_tokenizer(args.tokenizer)
+    info = write_indexed_dataset(iter_documents(args.input, args.jsonl_key, args.max_documents),
+                                 tokenizer, output_prefix, source=args.input,
+                                 progress=not args.no_progress)
+    log.info("%d documents, %d tokens -> %s.bin/.idx (%d undecodable characters replaced)",
+             info.num_documents, info.num_tokens, output_prefix, info.replaced_chars)
+    return output_prefix
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    try:
+        preprocess(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
