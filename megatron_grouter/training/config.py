@@ -203,6 +203,12 @@ def validate(root: RootConfig, world_size: int, tokenizer_vocab: int | None = No
     if train.global_batch_size % (train.micro_batch_size * data_parallel):
         raise UserError(f"train.global_batch_size={train.global_batch_size} is not divisible by "
                         f"micro_batch_size×data_parallel={train.micro_batch_size * data_parallel}")
+    if parallel.tensor > 1:
+        from megatron_grouter.training.model import transformer_engine_available
+
+        if not transformer_engine_available():
+            raise UserError("parallel.tensor > 1 with MoE needs sequence parallelism, which megatron-core's "
+                            "local (non-TE) norms do not support; use parallel.tensor=1 without CUDA+TE")
     if parallel.sequence_parallel and parallel.tensor == 1:
         raise UserError("parallel.sequence_parallel needs parallel.tensor > 1")
     if tokenizer_vocab is not None and model.vocab_size is not None and tokenizer_vocab > model.vocab_size:
