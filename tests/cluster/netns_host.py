@@ -15,6 +15,7 @@ Needs root and iproute2; `netns_missing_requirements()` says why not.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import os
@@ -32,12 +33,20 @@ def _ip_binary() -> str | None:
     return shutil.which("ip") or shutil.which("ip", path="/usr/sbin:/sbin:/usr/bin:/bin")
 
 
+@functools.cache
 def netns_missing_requirements() -> str | None:
-    """Why a NetnsHost cannot be created here (None when it can)."""
+    """Why a NetnsHost cannot be created here (None when it can); probes once with a scratch netns,
+    since root in an unprivileged container may still lack CAP_SYS_ADMIN."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    if _ip_binary() is None:
+    ip = _ip_binary()
+    if ip is None:
         return "the 'ip' command is missing; run .ci/install_slurm.sh (installs iproute2)"
+    probe_name = f"mgprobe{os.getpid()}"
+    created = subprocess.run([ip, "netns", "add", probe_name], capture_output=True, text=True, timeout=30)
+    if created.returncode != 0:
+        return f"cannot create a network namespace here: {created.stderr.strip()}"
+    subprocess.run([ip, "netns", "del", probe_name], capture_output=True, timeout=30)
     return None
 
 
@@ -45,12 +54,16 @@ def _networks_in_use() -> list[ipaddress.IPv4Network]:
     """Every IPv4 network that an address or a route on this machine covers."""
     ip = _ip_binary()
     networks = []
-    addresses = subprocess.run([ip, "-o", "-4", "addr", "show"], capture_output=True, text=True, check=True)
+    addresses = subprocess.run(
+        [ip, "-o", "-4", "addr", "show"], capture_output=True, text=True, check=True, timeout=30
+    )
     for line in addresses.stdout.splitlines():
         fields = line.split()
         if "inet" in fields:
             networks.append(ipaddress.ip_interface(fields[fields.index("inet") + 1]).network)
-    routes = subprocess.run([ip, "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=True)
+    routes = subprocess.run(
+        [ip, "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=True, timeout=30
+    )
     for line in routes.stdout.splitlines():
         destination = line.split()[0] if line.split() else ""
         if destination in ("default", "broadcast", "local", "unreachable", "blackhole", "prohibit"):
@@ -120,7 +133,9 @@ class NetnsHost:
             self._created_netns = True
             with _pick_lock:
                 self.subnet = _pick_free_subnet()
-                self._ip("link", "add", self.root_interface, "type", "veth", "peer", "name", self.inner_interface)
+                self._ip(
+                    "link", "add", self.root_interface, "type", "veth", "peer", "name", self.inner_interface
+                )
                 self._created_veth = True
             self._ip("link", "set", self.inner_interface, "netns", self.name)
             self._ip("addr", "add", f"{self.peer_address}/30", "dev", self.root_interface)

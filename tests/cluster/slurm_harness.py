@@ -36,10 +36,13 @@ from pathlib import Path
 import pytest
 
 HARNESS_MARKER_VAR = "MEGATRON_GROUTER_SLURM_HARNESS"
-REQUIRED_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel")
-FINAL_JOB_STATES = frozenset(
-    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+REQUIRED_BINARIES = (
+    "munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel",
 )
+FINAL_JOB_STATES = frozenset({
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+    "PREEMPTED",
+})
 _SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 # Slurm holds a requeued job back for `cred_expire` seconds (default 120); tests want it short.
 _REQUEUE_DELAY_S = 5
@@ -240,7 +243,9 @@ class SlurmCluster:
             raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
         return result
 
-    def submit(self, script_path: str | os.PathLike, *sbatch_args: str, workdir: str | os.PathLike | None = None) -> int:
+    def submit(
+        self, script_path: str | os.PathLike, *sbatch_args: str, workdir: str | os.PathLike | None = None
+    ) -> int:
         """sbatch `script_path` with extra `sbatch_args` (options first, then script arguments after
         `--`); the job runs in `workdir` (default jobs_dir). Returns the job id."""
         options, script_args = _split_at_double_dash(sbatch_args)
