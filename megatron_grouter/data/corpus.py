@@ -8,6 +8,7 @@ encodings); the number of replaced characters is counted and reported.
 from __future__ import annotations
 
 import json
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +17,22 @@ from typing import Iterator
 from megatron_grouter.errors import UserError
 
 STDLIB = "stdlib"
+THIRD_PARTY_DIRS = {"site-packages", "dist-packages"}
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".json", ".c", ".h", ".html", ".js", ".ts"}
 
 
 @dataclass
 class Document:
+    """One document: its name (relative path, or file:line for JSONL), text, and how many
+    characters of it were undecodable bytes replaced by U+FFFD."""
+
     name: str
     text: str
     replaced_chars: int = 0
 
 
 def decode(raw: bytes) -> tuple[str, int]:
+    """(UTF-8 text of `raw` with undecodable bytes replaced, number of replacement characters added)."""
     text = raw.decode("utf-8", errors="replace")
     # U+FFFD that was already in the file is not a replacement; count only the new ones.
     replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
@@ -34,14 +40,21 @@ def decode(raw: bytes) -> tuple[str, int]:
 
 
 def stdlib_files() -> list[Path]:
+    """This Python's standard-library .py files (no site-/dist-packages), sorted by relative path."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [path for path in root.rglob("*.py")
-             if "site-packages" not in path.parts and "dist-packages" not in path.parts]
+    files = []
+    for directory, subdirectories, names in os.walk(root):
+        # Prune third-party packages before descending: they outnumber the stdlib several times.
+        subdirectories[:] = [name for name in subdirectories if name not in THIRD_PARTY_DIRS]
+        files.extend(Path(directory, name) for name in names if name.endswith(".py"))
     return sorted(files, key=lambda path: str(path.relative_to(root)))
 
 
 def iter_documents(corpus: str, jsonl_key: str = "text", max_documents: int | None = None) -> Iterator[Document]:
-    """Documents of `corpus` in a deterministic order."""
+    """Non-empty documents of `corpus` ('stdlib', a text file, a directory of text files, or a
+    .jsonl file whose records hold the text under `jsonl_key`) in a deterministic order."""
+    if max_documents is not None and max_documents < 1:
+        raise UserError(f"max_documents={max_documents}; give a positive number or leave it unset")
     produced = 0
     for document in _documents(corpus, jsonl_key):
         if max_documents is not None and produced >= max_documents:
@@ -77,10 +90,14 @@ def _documents(corpus: str, jsonl_key: str) -> Iterator[Document]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise UserError(f"{path}:{line_number} is not valid JSON ({error.msg}); fix or drop the line") from None
+                    raise UserError(f"{path}:{line_number} is not valid JSON ({error.msg}); "
+                                    "fix or drop the line") from None
                 if not isinstance(record, dict) or jsonl_key not in record:
                     raise UserError(f"{path}:{line_number} has no {jsonl_key!r} field; set --jsonl-key")
-                yield Document(f"{path.name}:{line_number}", str(record[jsonl_key]), replaced)
+                if not isinstance(record[jsonl_key], str):
+                    raise UserError(f"{path}:{line_number} field {jsonl_key!r} is not a string; fix the "
+                                    "line or choose another --jsonl-key")
+                yield Document(f"{path.name}:{line_number}", record[jsonl_key], replaced)
     else:
         text, replaced = decode(path.read_bytes())
         yield Document(path.name, text, replaced)

@@ -2,21 +2,26 @@
 
 `prepare_corpus` trains a byte-level BPE on the corpus (or uses a given tokenizer), tokenises
 every document into `<out_dir>/<name>_text_document.bin/.idx`, and writes a stamp last. A second
-call with the same parameters finds the stamp and returns at once.
+call with the same parameters finds the stamp (and an intact dataset made with that tokenizer) and
+returns at once. A lock file serialises processes that prepare the same directory together.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 from megatron_grouter.data.corpus import STDLIB, iter_documents
-from megatron_grouter.data.indexed import read_dataset_meta, write_indexed_dataset
+from megatron_grouter.data.indexed import check_dataset_tokenizer, write_indexed_dataset
 from megatron_grouter.data.tokenizer import load_tokenizer, train_byte_level_bpe
+from megatron_grouter.errors import UserError
 
 log = logging.getLogger("megatron_grouter")
 
@@ -27,14 +32,42 @@ BPE_SAMPLE_EVERY = 3
 
 @dataclass
 class DatasetPaths:
+    """Where a prepared corpus lives; `reused` is True when nothing had to be done."""
+
     prefix: Path
     tokenizer_dir: Path
     reused: bool
 
 
+@contextmanager
+def _exclusive(directory: Path):
+    with open(directory / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _is_complete(stamp: Path, params: dict, prefix: Path, tokenizer_dir: Path) -> bool:
+    if not stamp.is_file():
+        return False
+    try:
+        if json.loads(stamp.read_text()).get("params") != params:
+            return False
+        check_dataset_tokenizer(str(prefix), load_tokenizer(tokenizer_dir))
+    except (json.JSONDecodeError, AttributeError, UserError) as problem:
+        log.info("data: %s holds an unusable result (%s); preparing again", stamp.parent, problem)
+        return False
+    return True
+
+
 def prepare_corpus(corpus: str, out_dir: str, vocab_size: int = 4096, tokenizer: str | None = None,
-                   max_documents: int | None = None, jsonl_key: str = "text",
+                   max_documents: int | None = None, jsonl_key: str = "text", workers: int = 1,
                    progress: bool = True) -> DatasetPaths:
+    """Tokenizer + indexed dataset of `corpus` in `out_dir`, made once: an existing result with the
+    same parameters is returned as is (reused=True). Without `tokenizer`, trains a byte-level BPE of
+    `vocab_size` tokens on every BPE_SAMPLE_EVERY-th document."""
     out = Path(out_dir)
     name = "stdlib" if corpus == STDLIB else Path(corpus).stem
     prefix = out / f"{name}_text_document"
@@ -44,27 +77,30 @@ def prepare_corpus(corpus: str, out_dir: str, vocab_size: int = 4096, tokenizer:
               "max_documents": max_documents, "jsonl_key": jsonl_key}
     stamp = out / "prepared.json"
     tokenizer_dir = Path(tokenizer) if tokenizer else out / "tokenizer"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("params") == params:
-        read_dataset_meta(str(prefix))  # still complete and intact?
-        return DatasetPaths(prefix, tokenizer_dir, reused=True)
     out.mkdir(parents=True, exist_ok=True)
-    stamp.unlink(missing_ok=True)
-    started = time.perf_counter()
-    if tokenizer is None:
-        texts = (document.text for document in islice(iter_documents(corpus, jsonl_key, max_documents),
-                                                      0, None, BPE_SAMPLE_EVERY))
-        tok = train_byte_level_bpe(texts, vocab_size, tokenizer_dir)
-        log.info("data: trained a %d-token byte-level BPE on %s in %.0fs", tok.vocab_size, corpus,
-                 time.perf_counter() - started)
-    else:
-        tok = load_tokenizer(tokenizer)
-    started = time.perf_counter()
-    info = write_indexed_dataset(iter_documents(corpus, jsonl_key, max_documents), tok, str(prefix),
-                                 source=corpus, progress=progress)
-    log.info("data: %d documents, %d tokens -> %s.bin/.idx in %.0fs (%d undecodable characters "
-             "replaced)", info.num_documents, info.num_tokens, prefix, time.perf_counter() - started,
-             info.replaced_chars)
-    stamp.write_text(json.dumps({"params": params, "num_tokens": info.num_tokens}, indent=2))
+    with _exclusive(out):
+        if _is_complete(stamp, params, prefix, tokenizer_dir):
+            log.info("data: reusing %s (prepared earlier with the same parameters)", prefix)
+            return DatasetPaths(prefix, tokenizer_dir, reused=True)
+        stamp.unlink(missing_ok=True)
+        started = time.perf_counter()
+        if tokenizer is None:
+            texts = (document.text for document in islice(iter_documents(corpus, jsonl_key, max_documents),
+                                                          0, None, BPE_SAMPLE_EVERY))
+            tok = train_byte_level_bpe(texts, vocab_size, tokenizer_dir)
+            log.info("data: trained a %d-token byte-level BPE on every %d. document of %s in %.1fs",
+                     tok.vocab_size, BPE_SAMPLE_EVERY, corpus, time.perf_counter() - started)
+        else:
+            tok = load_tokenizer(tokenizer)
+        started = time.perf_counter()
+        info = write_indexed_dataset(iter_documents(corpus, jsonl_key, max_documents), tok, str(prefix),
+                                     source=corpus, workers=workers, progress=progress)
+        log.info("data: %d documents, %d tokens -> %s.bin/.idx in %.1fs (%d undecodable characters "
+                 "replaced)", info.num_documents, info.num_tokens, prefix, time.perf_counter() - started,
+                 info.replaced_chars)
+        tmp_stamp = stamp.with_name(f"{stamp.name}.tmp{os.getpid()}")
+        tmp_stamp.write_text(json.dumps({"params": params, "num_tokens": info.num_tokens}, indent=2))
+        os.replace(tmp_stamp, stamp)
     return DatasetPaths(prefix, tokenizer_dir, reused=False)
 
 

@@ -2,6 +2,10 @@
 
 megatron splits by *document*; each stdlib file is one document, so validation is held out by
 file, never by offset inside a file.
+
+Works with and without torch.distributed: when a process group exists, megatron builds the
+sample/shuffle index cache on rank 0, waits at a barrier, and the other ranks load it (the cache
+directory must be shared by all ranks); every rank returns its own datasets.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from megatron_grouter.data.indexed import check_dataset_tokenizer
 from megatron_grouter.data.tokenizer import Tokenizer
+from megatron_grouter.errors import UserError
 
 
 class MegatronTokenizerAdapter(MegatronTokenizerBase):
@@ -48,9 +54,28 @@ class MegatronTokenizerAdapter(MegatronTokenizerBase):
         raise NotImplementedError("chat templates are not used for pretraining data")
 
 
+def _check_request(seq_length: int, split: str, num_samples: tuple[int, int, int]) -> None:
+    if seq_length < 1:
+        raise UserError(f"seq_length={seq_length}; use a positive sequence length")
+    if len(num_samples) != 3 or any(int(count) < 0 for count in num_samples):
+        raise UserError(f"num_samples={num_samples}; give three non-negative counts (train, valid, test)")
+    parts = split.replace("/", ",").split(",")
+    try:
+        weights = [float(part) for part in parts]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or any(weight < 0 for weight in weights) or sum(weights) <= 0:
+        raise UserError(f"split {split!r} is not like '98,1,1' (train, valid, test weights by document)")
+
+
 def build_gpt_datasets(prefix: str, tokenizer: Tokenizer, seq_length: int, seed: int, split: str,
                        num_samples: tuple[int, int, int], cache_dir: str | None = None):
-    """(train, valid, test) GPTDatasets; an empty split gives None."""
+    """(train, valid, test) GPTDatasets over the indexed dataset `prefix`; a split with weight 0
+    gives None. Documents are assigned to splits whole (see the module docstring). Each sample is
+    a dict of tensors: tokens and labels (tokens shifted by one), loss_mask, position_ids.
+    `cache_dir` holds megatron's index cache (default: {prefix}/cache)."""
+    _check_request(seq_length, split, num_samples)
+    check_dataset_tokenizer(prefix, tokenizer)
     config = GPTDatasetConfig(random_seed=seed, sequence_length=seq_length, blend=([prefix], None),
                               split=split, path_to_cache=cache_dir,
                               tokenizer=MegatronTokenizerAdapter(tokenizer),

@@ -3,28 +3,38 @@
 The .bin/.idx pair is written under temporary names and renamed into place (.idx last), so a
 killed run never leaves a pair that looks complete. The meta file records the tokenizer's
 fingerprint: training and the Grouter tools refuse a dataset made with another tokenizer.
+
+Tokenisation runs in the calling process (the `tokenizers` backend already uses its own threads)
+or, with workers > 1, in a pool of processes that each load the tokenizer from its file; at most a
+few batches are in flight and results are written in document order.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
 from megatron_grouter.data.corpus import Document
-from megatron_grouter.data.tokenizer import Tokenizer
+from megatron_grouter.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grouter.errors import UserError
+
+# Batches queued per worker: enough to keep every worker busy, few enough to bound memory.
+BATCHES_IN_FLIGHT_PER_WORKER = 4
 
 
 @dataclass
 class IndexedInfo:
+    """What `write_indexed_dataset` wrote."""
+
     prefix: str
     num_documents: int
     num_tokens: int
@@ -32,75 +42,140 @@ class IndexedInfo:
 
 
 def token_dtype(vocab_size: int) -> type:
+    """Storage dtype of token ids: 2 bytes while the ids fit, else 4."""
     return np.uint16 if vocab_size < 65500 else np.int32
 
 
-def write_indexed_dataset(documents: Iterable[Document], tokenizer: Tokenizer, output_prefix: str,
-                          source: str = "", append_eod: bool = True, batch_size: int = 64,
-                          progress: bool = True) -> IndexedInfo:
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+_worker_tokenizer: Tokenizer | None = None
 
+
+def _encode_in_worker(texts: list[str], tokenizer_path: str, sha256: str) -> list[list[int]]:
+    global _worker_tokenizer
+    if _worker_tokenizer is None:
+        # One process per core already; the backend's own thread pool would only oversubscribe.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        _worker_tokenizer = load_tokenizer(tokenizer_path)
+    if _worker_tokenizer.sha256 != sha256:
+        raise UserError(f"{tokenizer_path} changed while tokenising; run again once it is stable")
+    return _worker_tokenizer.encode_batch(texts)
+
+
+def _encoded_batches(batches: Iterator[list[Document]], tokenizer: Tokenizer,
+                     workers: int) -> Iterator[tuple[list[Document], list[list[int]]]]:
+    """(batch, token ids per document) in the order of `batches`."""
+    if workers <= 1:
+        for batch in batches:
+            yield batch, tokenizer.encode_batch([document.text for document in batch])
+        return
+    # spawn, not fork: a forked child inherits the parent's tokenizers thread pool in a broken state.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            texts = [document.text for document in batch]
+            task = pool.apply_async(_encode_in_worker, (texts, str(tokenizer.path), tokenizer.sha256))
+            pending.append((batch, task))
+            if len(pending) >= workers * BATCHES_IN_FLIGHT_PER_WORKER:
+                done_batch, result = pending.popleft()
+                yield done_batch, result.get()
+        while pending:
+            done_batch, result = pending.popleft()
+            yield done_batch, result.get()
+
+
+def _batched(documents: Iterable[Document], batch_size: int) -> Iterator[list[Document]]:
+    iterator = iter(documents)
+    while batch := list(islice(iterator, batch_size)):
+        yield batch
+
+
+def write_indexed_dataset(documents: Iterable[Document], tokenizer: Tokenizer, output_prefix: str,
+                          source: str = "", append_eod: bool = True, workers: int = 1,
+                          batch_size: int = 64, progress: bool = True) -> IndexedInfo:
+    """Tokenise `documents` (one indexed-dataset document each, EOD appended) into
+    {output_prefix}.bin/.idx/.meta.json, atomically; `source` is recorded in the meta file."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tqdm import tqdm
+
+    if workers < 1:
+        raise UserError(f"workers={workers}; use 1 (tokenise in this process) or more")
     output_prefix = str(output_prefix)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = f"{output_prefix}.tmp{os.getpid()}"
-    builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=token_dtype(tokenizer.vocab_size))
+    tmp_files = [tmp_prefix + suffix for suffix in (".bin", ".idx", ".meta.json")]
     num_documents = num_tokens = replaced = 0
     started = time.perf_counter()
-    bar = tqdm(desc="tokenize", unit="doc", disable=not progress, mininterval=1.0)
-
-    def flush(batch: list[Document]) -> None:
-        nonlocal num_documents, num_tokens
-        for ids in tokenizer.encode_batch([document.text for document in batch]):
-            if append_eod:
-                ids.append(tokenizer.eod_id)
-            builder.add_item(torch.tensor(ids, dtype=torch.int64))
-            builder.end_document()
-            num_documents += 1
-            num_tokens += len(ids)
-        bar.update(len(batch))
-        bar.set_postfix(tok_per_s=f"{num_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
-
-    batch: list[Document] = []
-    for document in documents:
-        replaced += document.replaced_chars
-        batch.append(document)
-        if len(batch) == batch_size:
-            flush(batch)
-            batch = []
-    if batch:
-        flush(batch)
-    bar.close()
-    builder.finalize(tmp_prefix + ".idx")
-    meta = {"tokenizer": tokenizer.fingerprint(), "num_documents": num_documents,
-            "num_tokens": num_tokens, "source": source, "replaced_chars": replaced,
-            "append_eod": append_eod}
-    Path(tmp_prefix + ".meta.json").write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_prefix + ".bin", output_prefix + ".bin")
-    os.replace(tmp_prefix + ".meta.json", output_prefix + ".meta.json")
-    os.replace(tmp_prefix + ".idx", output_prefix + ".idx")
+    try:
+        builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=token_dtype(tokenizer.vocab_size))
+        with tqdm(desc="tokenize", unit="doc", disable=not progress, mininterval=1.0) as bar:
+            for batch, ids_per_document in _encoded_batches(_batched(documents, batch_size), tokenizer,
+                                                            workers):
+                for document, ids in zip(batch, ids_per_document):
+                    if append_eod:
+                        ids.append(tokenizer.eod_id)
+                    builder.add_item(torch.tensor(ids, dtype=torch.int64))
+                    builder.end_document()
+                    num_documents += 1
+                    num_tokens += len(ids)
+                    replaced += document.replaced_chars
+                bar.update(len(batch))
+                bar.set_postfix(tok_per_s=f"{num_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+        builder.finalize(tmp_prefix + ".idx")
+        meta = {"tokenizer": tokenizer.fingerprint(), "num_documents": num_documents,
+                "num_tokens": num_tokens, "source": source, "replaced_chars": replaced,
+                "append_eod": append_eod}
+        Path(tmp_prefix + ".meta.json").write_text(json.dumps(meta, indent=2))
+        os.replace(tmp_prefix + ".bin", output_prefix + ".bin")
+        os.replace(tmp_prefix + ".meta.json", output_prefix + ".meta.json")
+        os.replace(tmp_prefix + ".idx", output_prefix + ".idx")
+    finally:
+        for leftover in tmp_files:
+            Path(leftover).unlink(missing_ok=True)
     return IndexedInfo(output_prefix, num_documents, num_tokens, replaced)
 
 
+def _index_token_count(prefix: str) -> tuple[int, int]:
+    """(tokens described by {prefix}.idx, bytes per token) as megatron reads the index."""
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    try:
+        index = _IndexReader(prefix + ".idx", multimodal=False)
+    except Exception as error:  # megatron asserts on a bad header, numpy raises on a short file
+        raise UserError(f"{prefix}.idx cannot be read ({type(error).__name__}); the file is corrupted — "
+                        "preprocess again") from None
+    return int(index.sequence_lengths.sum(dtype=np.int64)), np.dtype(index.dtype).itemsize
+
+
 def read_dataset_meta(prefix: str) -> dict:
+    """The meta record of dataset `prefix`, after checking that .bin, .idx and .meta.json exist
+    and that the .bin holds exactly the tokens its index describes."""
+    prefix = str(prefix)
     for suffix in (".bin", ".idx", ".meta.json"):
         if not Path(prefix + suffix).is_file():
             raise UserError(f"{prefix}{suffix} not found; preprocess the corpus with mg-preprocess "
                             "or fix data.prefix")
-    meta = json.loads(Path(prefix + ".meta.json").read_text())
-    item_size = np.dtype(token_dtype(meta["tokenizer"]["vocab_size"])).itemsize
+    try:
+        meta = json.loads(Path(prefix + ".meta.json").read_text())
+        meta["tokenizer"]["sha256"], meta["num_tokens"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{prefix}.meta.json is not a dataset meta record; preprocess again") from None
+    index_tokens, item_size = _index_token_count(prefix)
     actual = Path(prefix + ".bin").stat().st_size
-    if actual != meta["num_tokens"] * item_size:
+    if actual != index_tokens * item_size or index_tokens != meta["num_tokens"]:
         raise UserError(f"{prefix}.bin has {actual} bytes but its index describes "
-                        f"{meta['num_tokens'] * item_size}; the file is truncated or corrupted — "
-                        "preprocess again")
+                        f"{index_tokens * item_size} (meta: {meta['num_tokens']} tokens); the file is "
+                        "truncated or corrupted — preprocess again")
     return meta
 
 
 def check_dataset_tokenizer(prefix: str, tokenizer: Tokenizer) -> dict:
+    """`read_dataset_meta`, refusing a dataset that was tokenised with another tokenizer."""
     meta = read_dataset_meta(prefix)
     if meta["tokenizer"] != tokenizer.fingerprint():
         raise UserError(f"dataset {prefix} was tokenised with another tokenizer (sha "
                         f"{meta['tokenizer']['sha256'][:12]}, vocab {meta['tokenizer']['vocab_size']}) "
-                        f"than {tokenizer.path} (sha {tokenizer.fingerprint()['sha256'][:12]}); "
-                        "preprocess again with this tokenizer or point at the right one")
+                        f"than {tokenizer.path} (sha {tokenizer.sha256[:12]}, vocab "
+                        f"{tokenizer.vocab_size}); re-run mg-preprocess with this tokenizer or point "
+                        "data.tokenizer at the one the dataset was made with")
     return meta

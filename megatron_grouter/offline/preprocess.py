@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary (with --train-tokenizer)")
     parser.add_argument("--output-prefix", required=True, help="output path prefix")
     parser.add_argument("--max-documents", type=int, default=None, help="use only the first N documents")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="tokenising processes (default 1: the tokenizer already uses its own threads)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -54,7 +56,7 @@ def preprocess(args: argparse.Namespace) -> str:
     else:
         tokenizer = load_tokenizer(args.tokenizer)
     info = write_indexed_dataset(iter_documents(args.input, args.jsonl_key, args.max_documents),
-                                 tokenizer, output_prefix, source=args.input,
+                                 tokenizer, output_prefix, source=args.input, workers=args.workers,
                                  progress=not args.no_progress)
     log.info("%d documents, %d tokens -> %s.bin/.idx (%d undecodable characters replaced)",
              info.num_documents, info.num_tokens, output_prefix, info.replaced_chars)

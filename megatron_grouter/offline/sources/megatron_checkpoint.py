@@ -42,6 +42,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 class MegatronCheckpointSource(TeacherSource):
     def __init__(self, checkpoint: str | Path, moe_layer: int | None = None, device: str = "cpu"):
         from megatron_grouter.runtime.distributed import init_distributed
+        from megatron_grouter.runtime.seed import set_seed
         from megatron_grouter.training.config import to_train_config
         from megatron_grouter.training.model import build_gpt_model, moe_layer_pattern
 
@@ -58,6 +59,7 @@ class MegatronCheckpointSource(TeacherSource):
             raise UserError(f"{self.path} was trained with router.type={root.router.type}; a teacher "
                             "must have a learned (topk) router")
         init_distributed()
+        set_seed(root.train.seed)  # megatron's layers fork the model-parallel RNG streams
         truncated = copy.deepcopy(root.model)
         truncated.num_layers = layer + 1
         self.device = torch.device(device)
