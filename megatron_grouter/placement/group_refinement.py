@@ -13,7 +13,6 @@ scored exactly at once, and the best one is applied until none improves.
 from __future__ import annotations
 
 import numpy as np
-from scipy import sparse
 
 from megatron_grouter.placement.token_patterns import TokenPatterns
 
@@ -44,18 +43,20 @@ def swap_gains(patterns: TokenPatterns, expert_to_group: np.ndarray, num_groups:
 
     empty_PN = (hits_PN == 0).astype(np.float64)
     empty_PN[rows, rank_P] = 0.0
-    incidence_EP = sparse.csr_matrix(
-        (np.repeat(weight_P, k), (experts_PK.ravel(), np.repeat(rows, k))), shape=(num_experts, num_patterns)
-    )
-    join_EN = np.asarray(incidence_EP @ empty_PN)
-    sole_remote_PK = ((hits_PN[rows[:, None], group_PK] == 1) & (group_PK != rank_P[:, None])).astype(np.float64)
-    leave_E = np.bincount(experts_PK.ravel(), weights=(sole_remote_PK * weight_P[:, None]).ravel(), minlength=num_experts)
+    membership_PE = patterns.membership_PE
+    join_EN = np.asarray(membership_PE.T @ (empty_PN * weight_P[:, None]))
+    sole_remote_PK = (hits_PN[rows[:, None], group_PK] == 1) & (group_PK != rank_P[:, None])
+    weighted_sole_PK = sole_remote_PK * weight_P[:, None]
+    leave_E = np.bincount(experts_PK.ravel(), weights=weighted_sole_PK.ravel(), minlength=num_experts)
     move_EN = join_EN - leave_E[:, None]
 
-    first, second = np.triu_indices(k, 1)
-    pair_weight = (sole_remote_PK[:, first] + sole_remote_PK[:, second]) * weight_P[:, None]
-    pair_ids = experts_PK[:, first] * num_experts + experts_PK[:, second]
-    both_EE = np.bincount(pair_ids.ravel(), weights=pair_weight.ravel(), minlength=num_experts * num_experts)
+    # tokens holding both a and b: Σ_p w_p (u_pa + u_pb), over the expert pairs of each pattern
+    first, second = patterns.pair_columns
+    weighted_sole_KP = np.ascontiguousarray(weighted_sole_PK.T)
+    both_EE = np.zeros(num_experts * num_experts)
+    for pair, (i, j) in enumerate(zip(first, second)):
+        both_EE += np.bincount(patterns.pair_ids[pair], weights=weighted_sole_KP[i] + weighted_sole_KP[j],
+                               minlength=num_experts * num_experts)
     both_EE = both_EE.reshape(num_experts, num_experts)
     both_EE = both_EE + both_EE.T
 
@@ -65,16 +66,49 @@ def swap_gains(patterns: TokenPatterns, expert_to_group: np.ndarray, num_groups:
     return gains_EE
 
 
+def _disjoint_improving_swaps(gains_EE: np.ndarray, tolerance: float) -> list[tuple[int, int]]:
+    """Improving swaps in order of gain, greedily keeping those that share no expert."""
+    first, second = np.triu_indices(gains_EE.shape[0], 1)
+    gain = gains_EE[first, second]
+    improving = np.flatnonzero(gain < -tolerance)
+    used: set[int] = set()
+    chosen = []
+    for index in improving[np.argsort(gain[improving], kind="stable")]:
+        a, b = int(first[index]), int(second[index])
+        if a not in used and b not in used:
+            chosen.append((a, b))
+            used.update((a, b))
+    return chosen
+
+
 def refine_groups_by_swaps(
-    patterns: TokenPatterns, expert_to_group: np.ndarray, num_groups: int, max_swaps: int = 100_000
+    patterns: TokenPatterns, expert_to_group: np.ndarray, num_groups: int, max_rounds: int = 10_000
 ) -> tuple[np.ndarray, int]:
-    """Apply the best improving expert swap until none is left; returns (groups, swaps made)."""
+    """Swap descent until no expert swap lowers the sends; returns (groups, swaps made).
+
+    Each round scores all swaps, applies every improving swap that shares no expert with a better
+    one, and keeps that batch only if it beats the single best swap (swaps interact through
+    tokens that hold experts of several of them); otherwise it applies the single best swap.
+    """
     groups = np.asarray(expert_to_group, dtype=np.int64).copy()
     tolerance = 1e-9 * max(1.0, float(patterns.weight_P.sum()))
-    for swaps in range(max_swaps):
-        gains_EE = swap_gains(patterns, groups, num_groups)
-        a, b = np.unravel_index(np.argmin(gains_EE), gains_EE.shape)
-        if not gains_EE[a, b] < -tolerance:
-            return groups, swaps
-        groups[a], groups[b] = groups[b], groups[a]
-    return groups, max_swaps
+    swaps = 0
+    for _ in range(max_rounds):
+        chosen = _disjoint_improving_swaps(swap_gains(patterns, groups, num_groups), tolerance)
+        if not chosen:
+            break
+        single = _swapped(groups, chosen[:1])
+        if len(chosen) > 1:
+            batch = _swapped(groups, chosen)
+            if dedup_sends(patterns, batch, num_groups) < dedup_sends(patterns, single, num_groups):
+                groups, swaps = batch, swaps + len(chosen)
+                continue
+        groups, swaps = single, swaps + 1
+    return groups, swaps
+
+
+def _swapped(groups: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
+    result = groups.copy()
+    for a, b in pairs:
+        result[a], result[b] = groups[b], groups[a]
+    return result

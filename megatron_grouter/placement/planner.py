@@ -4,7 +4,7 @@ Steps: affinity vectors → initial expert groups (the paper's cluster + Hungari
 co-activation partitioning) → joint search on a subsample of whole global batches → exact
 capacity-constrained placement of every global batch → volumes against Megatron's default
 layout and against the capacity-free relaxation. `method` picks "paper", "coactivation" or
-"joint" (both seeds refined, best kept). With granularity "node" the partitions are nodes;
+"joint" (the better seed refined by the joint search). With granularity "node" the partitions are nodes;
 a node's experts fill its ranks' slots in id order and its samples are split over its ranks in
 batch order.
 """
@@ -51,6 +51,8 @@ class PlannerSettings:
     num_clusters: int = 100
     perturbations: int = 2
     search_samples: int = 4096
+    search_tokens: int = 1_000_000
+    report_samples: int = 65_536
     seed: int = 0
 
     @property
@@ -81,19 +83,27 @@ class PlanReport:
     def lines(self) -> list[str]:
         """Human-readable summary lines."""
         ratios = self.planned.ratios_to(self.default)
-        bound = self.capacity_free_sends / self.default.dedup_sends_rank if self.planned.dedup_sends_rank else float("nan")
+        bound = self.capacity_free_sends / self.default.dedup_sends_rank if self.default.dedup_sends_rank else float("nan")
         return [f"{name}: {value:.3f}x default" for name, value in ratios.items()] + [
             f"capacity-free relaxation (same groups): {bound:.3f}x default",
             "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()),
         ]
 
 
-def _search_subset(batches_QB: np.ndarray, search_samples: int, seed: int) -> np.ndarray:
-    """A random set of whole global batches holding about `search_samples` samples."""
+def search_instance(
+    topk_SLK: np.ndarray, batches_QB: np.ndarray, settings: PlannerSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """(topk, batches) to search on: random whole global batches, token positions thinned so
+    that about `search_tokens` tokens remain (placement scores stay unbiased estimates)."""
+    rng = np.random.default_rng(settings.seed)
     num_batches, global_batch = batches_QB.shape
-    count = min(num_batches, max(1, search_samples // global_batch))
-    chosen = np.sort(np.random.default_rng(seed).choice(num_batches, count, replace=False))
-    return batches_QB[chosen]
+    count = min(num_batches, max(1, settings.search_samples // global_batch))
+    subset_QB = batches_QB[np.sort(rng.choice(num_batches, count, replace=False))]
+    tokens = topk_SLK.shape[1]
+    keep = min(tokens, max(1, settings.search_tokens // subset_QB.size))
+    positions = np.sort(rng.choice(tokens, keep, replace=False))
+    topk_sub = topk_SLK[subset_QB.ravel()][:, positions]
+    return topk_sub, np.arange(subset_QB.size).reshape(subset_QB.shape)
 
 
 def choose_groups(
@@ -101,9 +111,7 @@ def choose_groups(
 ) -> np.ndarray:
     """Expert groups [E] over the settings' partitions, found on a subsample of batches."""
     partitions = settings.num_partitions
-    subset_QB = _search_subset(batches_QB, settings.search_samples, settings.seed)
-    topk_sub = topk_SLK[subset_QB.ravel()]
-    local_QB = np.arange(subset_QB.size).reshape(subset_QB.shape)
+    topk_sub, local_QB = search_instance(topk_SLK, batches_QB, settings)
     seeds: list[np.ndarray] = []
     if settings.method in ("paper", "joint"):
         phi_SE = affinity_vectors(topk_sub, num_experts)
@@ -112,16 +120,37 @@ def choose_groups(
         seeds.append(coactivation_groups(topk_sub, num_experts, partitions))
     if settings.method != "joint":
         return seeds[0]
-    results = [
-        perturbed_search(topk_sub, local_QB, start, num_experts, partitions, settings.perturbations, seed=settings.seed)
-        for start in seeds
-    ]
-    return min(results, key=lambda result: result.sends).expert_to_group
+    # refine only the better seed: descents from both mostly meet, and each costs the same
+    start = min(seeds, key=lambda groups: placed_sends(topk_sub, local_QB, groups, partitions)[0])
+    result = perturbed_search(topk_sub, local_QB, start, num_experts, partitions, settings.perturbations, seed=settings.seed)
+    return result.expert_to_group
 
 
 def _expand_to_ranks(placement_QNM: np.ndarray, ranks_per_partition: int) -> np.ndarray:
     num_batches, partitions, per_partition = placement_QNM.shape
     return placement_QNM.reshape(num_batches, partitions * ranks_per_partition, per_partition // ranks_per_partition)
+
+
+def _report_volumes(
+    topk_SLK: np.ndarray, batches_QB: np.ndarray, plan: Plan, settings: PlannerSettings
+) -> tuple[Volumes, Volumes, float]:
+    """Default and planned volumes plus the capacity-free bound, on at most `report_samples`
+    samples (whole random batches), since each volume is a full pass over the routing."""
+    num_batches, global_batch = batches_QB.shape
+    count = min(num_batches, max(1, settings.report_samples // global_batch))
+    chosen = np.sort(np.random.default_rng(settings.seed + 1).choice(num_batches, count, replace=False))
+    num_samples = topk_SLK.shape[0]
+    keep_S = np.zeros(num_samples, dtype=bool)
+    keep_S[batches_QB[chosen].ravel()] = True
+    planned_rank_S = np.where(keep_S, plan.sample_to_rank(num_samples), -1)
+    default_rank_S = np.where(
+        keep_S, placement_to_sample_rank(default_placement(batches_QB, settings.ep_size), num_samples), -1
+    )
+    ep, per_node = settings.ep_size, settings.ranks_per_node
+    default = compute_volumes(topk_SLK, contiguous_expert_to_rank(plan.num_experts, ep), default_rank_S, ep, per_node)
+    planned = compute_volumes(topk_SLK, plan.expert_to_rank(), planned_rank_S, ep, per_node)
+    relaxed = capacity_free_sends(topk_SLK[np.flatnonzero(keep_S)], plan.expert_to_rank(), ep)
+    return default, planned, relaxed
 
 
 def make_plan(
@@ -166,16 +195,9 @@ def make_plan(
         placement_QRM=placement_QRM,
     )
     started = time.perf_counter()
-    default = compute_volumes(
-        topk_SLK, contiguous_expert_to_rank(num_experts, settings.ep_size),
-        placement_to_sample_rank(default_placement(batches_QB, settings.ep_size), num_samples),
-        settings.ep_size, settings.ranks_per_node,
-    )
-    planned = compute_volumes(topk_SLK, plan.expert_to_rank(), plan.sample_to_rank(num_samples),
-                              settings.ep_size, settings.ranks_per_node)
-    placed = np.unique(batches_QB)
-    relaxed = capacity_free_sends(topk_SLK[placed], plan.expert_to_rank(), settings.ep_size)
+    default, planned, relaxed = _report_volumes(topk_SLK, batches_QB, plan, settings)
     seconds["volumes"] = time.perf_counter() - started
     report = PlanReport(default, planned, relaxed, seconds)
-    plan.stats = {"ratios_to_default": planned.ratios_to(default), "planned": planned.summary(), "default": default.summary()}
+    ratios = {name: (None if np.isnan(value) else value) for name, value in planned.ratios_to(default).items()}
+    plan.stats = {"ratios_to_default": ratios, "planned": planned.summary(), "default": default.summary()}
     return plan, report

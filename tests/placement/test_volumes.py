@@ -51,14 +51,17 @@ def test_volumes_equal_reference_loop():
     assert volumes.tokens == int((sample_rank_S >= 0).sum()) * 10
 
 
-def test_rank_hits_equal_reference_loop():
-    topk_SLK = random_routing(7, 9, 12, 4, seed=4)
-    expert_to_rank = random_equal_groups(12, 3, seed=5)
-    hit_SN, distinct_S = rank_hits(topk_SLK, expert_to_rank, 3, chunk_samples=3)
+@pytest.mark.parametrize("num_ranks", [3, 12, 40, 72])
+def test_rank_hits_equal_reference_loop(num_ranks):
+    # 3..64 ranks use the bitmask path (1, 2 and 8 byte masks), 72 the sort-based path
+    # token positions picked by an index array, as in the planner's search subsample (non C-ordered)
+    topk_SLK = random_routing(7, 18, 144, 6, seed=4)[:, np.arange(0, 18, 2)]
+    expert_to_rank = np.random.default_rng(5).integers(0, num_ranks, 144)
+    hit_SN, distinct_S = rank_hits(topk_SLK, expert_to_rank, num_ranks, chunk_tokens=20)
     for s in range(7):
         token_ranks = [{int(expert_to_rank[e]) for e in token} for token in topk_SLK[s]]
         assert distinct_S[s] == sum(len(r) for r in token_ranks)
-        assert hit_SN[s].tolist() == [sum(n in r for r in token_ranks) for n in range(3)]
+        assert hit_SN[s].tolist() == [sum(n in r for r in token_ranks) for n in range(num_ranks)]
 
 
 def test_default_layout_is_contiguous_and_in_order():
