@@ -60,11 +60,19 @@ def _hybrid(router, context, slots):
     return functools.partial(HybridRouter, context=context, slot_of_expert=slots)
 
 
+def _probmoe(router, context, slots):
+    from megatron_grouter.routing.probmoe_router import ProbMoERouter
+
+    return functools.partial(ProbMoERouter, k_min=router.probmoe.k_min,
+                             inference_rule=router.probmoe.inference_rule)
+
+
 _ROUTERS: dict[str, RouterKind] = {
     "topk": RouterKind(lambda router, context, slots: MeteredTopKRouter, topk_config_fields),
     "grouter_fixed": RouterKind(_fixed, no_balancing_fields, preemptive=True),
     "grouter_hybrid": RouterKind(_hybrid, no_balancing_fields, preemptive=True),
     "hash": RouterKind(_hybrid, no_balancing_fields, preemptive=True),
+    "probmoe": RouterKind(_probmoe, topk_config_fields),
 }
 
 

@@ -61,6 +61,12 @@ class HashRoutingConfig:
 
 
 @dataclass
+class ProbMoERoutingConfig:
+    k_min: Optional[int] = None  # None: exact-k (k_min = model.topk); else dynamic-k in [k_min, topk]
+    inference_rule: str = "map"  # map (most probable subset) | official | top_p
+
+
+@dataclass
 class RouterConfig:
     name: str = "aux_loss"
     type: str = "topk"  # topk (megatron's TopKRouter)
@@ -74,6 +80,7 @@ class RouterConfig:
     topk_scaling_factor: Optional[float] = None
     grouter: GrouterRoutingConfig = field(default_factory=GrouterRoutingConfig)
     hash: HashRoutingConfig = field(default_factory=HashRoutingConfig)
+    probmoe: ProbMoERoutingConfig = field(default_factory=ProbMoERoutingConfig)
 
 
 @dataclass

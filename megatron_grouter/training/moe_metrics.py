@@ -49,10 +49,11 @@ def collect_aux_losses(num_microbatches: int) -> dict[str, float]:
     return losses
 
 
-def summarise_loads(loads_LE: torch.Tensor) -> dict[str, float]:
+def summarise_loads(loads_LE: torch.Tensor, num_tokens: int) -> dict[str, float]:
     per_layer = [max_violation(load_E) for load_E in loads_LE]
     # MaxVioGlobal of a layer: over the whole global batch; the headline is the layer mean.
-    summary = {"moe/max_vio": sum(per_layer) / max(1, len(per_layer))}
+    summary = {"moe/max_vio": sum(per_layer) / max(1, len(per_layer)),
+               "moe/active_experts": float(loads_LE.sum(1).mean()) / max(1, num_tokens)}
     for index, value in enumerate(per_layer):
         summary[f"moe/max_vio_layer{index}"] = value
     return summary

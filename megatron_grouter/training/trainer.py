@@ -116,7 +116,7 @@ class Trainer:
         grad_norm = optimizer_step(self.optimizer, lr, train.clip_grad)
         loads_LE = collect_layer_loads(self.moe_layers)
         stats = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                 **summarise_loads(loads_LE), **{f"moe/{name}": value for name, value
+                 **summarise_loads(loads_LE, train.global_batch_size * train.seq_length), **{f"moe/{name}": value for name, value
                                                  in collect_aux_losses(self.num_microbatches).items()}}
         for hook in self.hooks:
             stats.update(hook.step_metrics(self) or {})

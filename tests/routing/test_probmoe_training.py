@@ -1,0 +1,25 @@
+"""ProbMoE routers train inside megatron-core's MoELayer, also with expert parallelism."""
+
+from train_runs import MICRO_MODEL, data_overrides, read_metrics, torchrun, train_in_process, val_losses
+
+
+def test_probmoe_dynamic_k_trains_within_its_range(stdlib_data, tmp_path):
+    train_in_process([*data_overrides(stdlib_data), *MICRO_MODEL, "router=probmoe_dynamic_k",
+                      "router.probmoe.k_min=1", "train.steps=40", "train.warmup_steps=4",
+                      "train.eval_interval=20", "train.eval_iters=1", "train.save_interval=-1",
+                      f"train.out_dir={tmp_path}"])
+    val = val_losses(tmp_path)
+    assert val[40] < val[0] - 1.0
+    active = [record["moe/active_experts"] for record in read_metrics(tmp_path) if "loss" in record]
+    assert all(1.0 <= value <= 2.0 for value in active)
+    assert min(active) < 2.0  # some tokens really use fewer than k_max experts
+
+
+def test_probmoe_exact_k_with_expert_parallelism(stdlib_data, tmp_path):
+    torchrun(2, [*data_overrides(stdlib_data), *MICRO_MODEL, "router=probmoe_exact_k", "parallel=ep2",
+                 "train.steps=4", "train.warmup_steps=1", "train.eval_interval=0", "train.save_interval=-1",
+                 f"train.out_dir={tmp_path}"])
+    records = [record for record in read_metrics(tmp_path) if "loss" in record]
+    assert len(records) == 4
+    assert all(record["moe/active_experts"] == 2.0 for record in records)  # exactly k
+    assert records[-1]["loss"] < records[0]["loss"]
