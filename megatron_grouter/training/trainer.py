@@ -180,6 +180,10 @@ class Trainer:
             summary["val_loss"] = self.evaluate()
             self.log_eval(summary["val_loss"])
         window_start, window_tokens = time.perf_counter(), 0
+        # Preemption (SIGTERM/SIGUSR1): checkpoint at the next step boundary, then stop.
+        from megatron_grouter.training.preemption import PreemptionWatch
+        preemption = PreemptionWatch(self.layout.device)
+        preemption.install()
         while self.step < last_step:
             stats = self.train_step()
             self.step += 1
@@ -199,7 +203,15 @@ class Trainer:
             if train.save_interval > 0 and self.step % train.save_interval == 0:
                 self.save()
             summary.update(loss=stats["loss"])
-        if train.save_interval >= 0 and (train.save_interval == 0 or self.step % train.save_interval):
+            if self.step < last_step and preemption.should_stop():  # all ranks agree (MAX)
+                if not (train.save_interval > 0 and self.step % train.save_interval == 0):
+                    self.save()
+                log.info("preempted: checkpointed step %d, stopping for a requeue", self.step)
+                summary["preempted"] = True
+                break
+        preemption.uninstall()
+        if not summary.get("preempted") and train.save_interval >= 0 and (
+                train.save_interval == 0 or self.step % train.save_interval):
             self.save()
         self.metrics.close()
         summary["step"] = self.step

@@ -1,0 +1,192 @@
+"""Expert expanding E_S → E_T > E_S: split the heaviest experts into children that keep their tokens.
+
+Method (the reverse of folding; the released code expands, the paper only folds):
+1. Parents: the E_T − E_S extra experts go to the heaviest source experts (load on the data), one
+   extra child each, round-robin if there are more extra experts than source experts. A parent
+   split into c children keeps its own slot for child 0; the others are appended after E_S, so every
+   other expert keeps its index and its score row.
+2. For each parent, the final hidden states h (`Grouter.hidden_states`) of the tokens whose top-k
+   holds it are clustered by k-means into c clusters with centroids μ_j (mean μ̄).
+3. Child j's logit is the parent's plus a separating term:
+       z_j(h) = z_parent(h) + α·(s_j(h) − t),   s_j(h) = (μ_j − μ̄)·h − (‖μ_j‖² − 2μ̄·μ_j)/2,
+   i.e. row_j = row_parent + α(μ_j − μ̄), bias_j = bias_parent + α(c_j − t). argmax_j s_j(h) is
+   exactly the k-means (nearest-centroid) assignment, so the children split the parent's tokens
+   along its clusters. The shift t sets the children's max against the parent's logit: t = mean
+   of max_j s_j over the parent's tokens ("equal to the parent on average") or its minimum (the
+   winning child never falls below the parent, which with top-1 makes the split exact).
+4. α and t are chosen on the data the clusters came from: among a geometric grid, the pair with
+   the fewest routing violations (a token of a parent not going to exactly one of its children, or a
+   token of another expert losing it), the largest α among ties (widest separation of gates).
+
+Exactness: with top-1 routing and t = min, any α below the smallest logit margin of the sample
+gives zero violations, and the grid finds one. With top-k > 1 a *linear* score layer cannot be
+exact in general: the losing children's logits stay close to the parent's and can push a token's
+other experts out of its top-k. `ExpandResult.violation_rate` reports what remains on the data.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from megatron_grouter.errors import UserError
+
+ALPHA_GRID = tuple(2.0 ** -power for power in range(-4, 24, 2))
+
+
+@dataclass
+class ExpandResult:
+    grouter: object
+    parents: dict[int, list[int]]          # parent → its children (parent first)
+    alpha: float
+    shift: str
+    violation_rate: float
+    tokens: int
+    details: dict = field(default_factory=dict)
+
+
+def children_per_parent(load_E: np.ndarray, num_target: int) -> dict[int, int]:
+    """Children count of each split parent: extra experts to the heaviest, round-robin."""
+    num_source = len(load_E)
+    if not isinstance(num_target, int) or num_target <= 0:
+        raise UserError(f"target number of experts {num_target!r} must be a positive integer; set num_experts > 0")
+    if num_target <= num_source:
+        raise UserError(f"expanding needs more target experts than the source's {num_source}, got "
+                        f"{num_target}; use mg-fold to shrink the expert count")
+    order = np.argsort(-np.asarray(load_E, dtype=np.float64), kind="stable").tolist()
+    counts: dict[int, int] = {}
+    for extra in range(num_target - num_source):
+        parent = order[extra % num_source]
+        counts[parent] = counts.get(parent, 1) + 1
+    return counts
+
+
+def separating_terms(hidden_NH: np.ndarray, num_children: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """k-means of a parent's tokens: directions [c, H] (μ_j − μ̄) and offsets [c] (nearest-centroid rule)."""
+    from sklearn.cluster import KMeans
+
+    if len(hidden_NH) < num_children:
+        raise UserError(f"an expert to split saw only {len(hidden_NH)} tokens, fewer than its {num_children} "
+                        "children; give mg-expand more data (max_tokens)")
+    kmeans = KMeans(n_clusters=num_children, n_init=3, random_state=seed).fit(hidden_NH.astype(np.float64))
+    centroids_CH = kmeans.cluster_centers_
+    mean_H = centroids_CH.mean(axis=0)
+    directions_CH = centroids_CH - mean_H
+    offsets_C = -((centroids_CH ** 2).sum(axis=1) - 2 * centroids_CH @ mean_H) / 2
+    return directions_CH, offsets_C
+
+
+def _topk_sets(logits_TE: torch.Tensor, bias_E: torch.Tensor, topk: int) -> torch.Tensor:
+    selected_TE = torch.zeros_like(logits_TE, dtype=torch.bool)
+    return selected_TE.scatter_(1, (logits_TE + bias_E).topk(topk, dim=1).indices, True)
+
+
+def count_violations(old_TE: torch.Tensor, new_TE: torch.Tensor, families: dict[int, list[int]]) -> int:
+    """Tokens whose new selection is not their old one with each split parent replaced by one child."""
+    num_source = old_TE.shape[1]
+    untouched = [e for e in range(num_source) if e not in families]
+    bad_T = (old_TE[:, untouched] != new_TE[:, untouched]).any(dim=1)
+    for parent, children in families.items():
+        in_children_T = new_TE[:, children].sum(dim=1)
+        bad_T |= in_children_T != old_TE[:, parent].long()
+    return int(bad_T.sum())
+
+
+@torch.no_grad()
+def collect_routing(grouter, batches, batch_size: int, max_tokens: int | None,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states [T, H] (fp32) and logits [T, E] of the real tokens of the first windows."""
+    from megatron_grouter.offline.affinity import window_row_batches
+
+    window = batches.windows.window
+    max_windows = None if max_tokens is None else max(1, -(-int(max_tokens) // window))
+    grouter = grouter.to(device).eval()
+    hidden, logits = [], []
+    for rows in window_row_batches(len(batches), batch_size, max_windows=max_windows):
+        tokens_BW, mask_BW = batches.gather(rows)
+        mask_BW = mask_BW.to(device)
+        hidden_BWH = grouter.hidden_states(tokens_BW.to(device), mask_BW).float()
+        hidden.append(hidden_BWH[mask_BW].cpu())
+        logits.append(grouter.score(hidden_BWH)[mask_BW].cpu())
+    return torch.cat(hidden), torch.cat(logits)
+
+
+@torch.no_grad()
+def expand_grouter(grouter, hidden_TH: torch.Tensor, logits_TE: torch.Tensor, num_target: int,
+                   seed: int = 0) -> ExpandResult:
+    """Split the heaviest experts of `grouter` (routing of `hidden_TH`/`logits_TE`) up to E_T experts."""
+    from megatron_grouter.grouter.network import Grouter
+
+    config = grouter.config
+    if grouter.score.bias is None:
+        raise UserError("expanding needs a Grouter with a score bias (score_bias=true) to centre its children")
+    num_source, topk = config.num_experts, config.topk
+    bias_E = grouter.expert_bias.detach().float().cpu()
+    old_TE = _topk_sets(logits_TE, bias_E, topk)
+    counts = children_per_parent(old_TE.sum(dim=0).numpy(), num_target)
+    families, next_slot = {}, num_source
+    for parent in sorted(counts):
+        families[parent] = [parent] + list(range(next_slot, next_slot + counts[parent] - 1))
+        next_slot += counts[parent] - 1
+
+    hidden = hidden_TH.double()
+    terms = {}  # parent → (directions [c, H], offsets [c], s on all tokens [T, c])
+    for parent, children in families.items():
+        mine = old_TE[:, parent]
+        directions_CH, offsets_C = separating_terms(hidden[mine].numpy(), len(children), seed)
+        directions = torch.from_numpy(directions_CH)
+        offsets = torch.from_numpy(offsets_C)
+        terms[parent] = (directions, offsets, hidden @ directions.T + offsets)
+
+    shift_options = {}
+    for shift_name in ("min", "mean"):
+        shifts = {}
+        for parent, (_, _, s_TC) in terms.items():
+            winners = s_TC[old_TE[:, parent]].max(dim=1).values
+            shifts[parent] = float(winners.min() if shift_name == "min" else winners.mean())
+        shift_options[shift_name] = shifts
+    new_config = dataclasses.replace(config, num_experts=num_target)
+    hidden_f32 = hidden_TH.float()
+    best = None
+    for shift_name, shifts in shift_options.items():
+        for alpha in ALPHA_GRID:
+            # judge each candidate by the exact fp32 layer it would become, as Grouter.route uses it
+            candidate = _score_rows(grouter, num_target, families, terms, shifts, alpha)
+            logits = torch.nn.functional.linear(hidden_f32, candidate["score.weight"], candidate["score.bias"])
+            new_TE = _topk_sets(logits, candidate["expert_bias"], topk)
+            violations = count_violations(old_TE, new_TE, families)
+            key = (violations, -alpha)
+            if best is None or key < best[0]:
+                best = (key, alpha, shift_name, candidate)
+    (violations, _), alpha, shift_name, rows = best
+    state = copy.deepcopy(grouter.state_dict())
+    state.update(rows)
+    expanded = Grouter(new_config)
+    expanded.load_state_dict(state, strict=True)
+    return ExpandResult(grouter=expanded.to(grouter.score.weight.device), parents=families, alpha=alpha,
+                        shift=shift_name,
+                        violation_rate=violations / max(len(old_TE), 1), tokens=len(old_TE))
+
+
+def _score_rows(grouter, num_target: int, families, terms, shifts, alpha: float) -> dict[str, torch.Tensor]:
+    """score.weight / score.bias / expert_bias of the expanded Grouter (fp32, on CPU)."""
+    weight = grouter.score.weight.detach().double().cpu()
+    bias = grouter.score.bias.detach().double().cpu()
+    expert_bias = grouter.expert_bias.detach().double().cpu()
+    num_source = len(weight)
+    new_weight = torch.zeros(num_target, weight.shape[1], dtype=torch.float64)
+    new_bias = torch.zeros(num_target, dtype=torch.float64)
+    new_expert_bias = torch.zeros(num_target, dtype=torch.float64)
+    new_weight[:num_source], new_bias[:num_source], new_expert_bias[:num_source] = weight, bias, expert_bias
+    for parent, children in families.items():
+        directions, offsets, _ = terms[parent]
+        for position, child in enumerate(children):
+            new_weight[child] = weight[parent] + alpha * directions[position]
+            new_bias[child] = bias[parent] + alpha * (offsets[position] - shifts[parent])
+            new_expert_bias[child] = expert_bias[parent]
+    return {"score.weight": new_weight.float(), "score.bias": new_bias.float(),
+            "expert_bias": new_expert_bias.float()}

@@ -1,0 +1,201 @@
+"""Expert tuning (paper §3.3): rebalance a Grouter on the target data, touching only its final layer.
+
+A distilled Grouter inherits its source's load profile, which is imbalanced on new data. Two modes:
+- `weights` (the paper's): the encoder is frozen (its hidden states are computed without grad)
+  and only the score layer (weight + bias) is trained, with the Switch/GShard load-balancing loss
+  alone: L = E·Σ_i f_i·P_i, f_i = share of the token-slots the current top-k routes to i
+  (non-differentiable), P_i = mean softmax probability of i. Nothing ties it to the old routing,
+  so it stops as soon as the load is balanced enough (target MaxVioGlobal) or a token budget is spent.
+- `bias` (aux-loss-free style, as the released code): no weight changes; the selection bias
+  `expert_bias` is nudged each step by rate·σ·sign(mean load − load_i), σ = std of the logits on
+  the first batch (so the rate is scale-free). It changes which experts are selected, not the gates.
+
+Stopping looks at MaxVioGlobal of the training batches since the last check (not the held-out
+set); the report gives MaxVioGlobal and top-k agreement with the untuned Grouter, before and after,
+on held-out windows. Data-parallel: gradients and loads are summed with all_reduce.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_grouter.errors import UserError
+from megatron_grouter.training.moe_metrics import max_violation
+
+MODES = ("weights", "bias")
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    mode: str = "weights"
+    lr: float = 1.0e-2
+    bias_rate: float = 1.0e-2
+    batch_size: int = 16
+    max_tokens: int = 2_000_000
+    target_max_vio: float = 0.2
+    check_interval: int = 10          # steps between stop checks
+    eval_tokens: int = 200_000        # held-out tokens for the before/after report
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"tuning mode {self.mode!r} is unknown; choose one of {list(MODES)}")
+        for name in ("lr", "bias_rate", "batch_size", "max_tokens", "check_interval", "eval_tokens"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"tuning {name}={getattr(self, name)!r} must be positive")
+        if self.target_max_vio < 0:
+            raise UserError(f"tuning target_max_vio={self.target_max_vio} must be >= 0")
+
+
+@dataclass
+class TuneResult:
+    grouter: object
+    steps: int
+    tokens: int
+    tokens_per_s: float
+    stopped_by: str
+    before: dict = field(default_factory=dict)
+    after: dict = field(default_factory=dict)
+
+
+def selection_counts(selection_TE: torch.Tensor, topk: int) -> torch.Tensor:
+    """Token count per expert [E] of a top-k over selection scores."""
+    indices_TK = selection_TE.topk(topk, dim=-1).indices
+    return torch.bincount(indices_TK.flatten(), minlength=selection_TE.shape[-1])
+
+
+def load_balancing_loss(logits_TE: torch.Tensor, topk: int, bias_E: torch.Tensor | None = None,
+                        counts_E: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch/GShard loss E·Σ f_i·P_i (1 when perfectly balanced); f from the biased top-k."""
+    num_tokens, num_experts = logits_TE.shape
+    if counts_E is None:
+        selection_TE = logits_TE.detach() + (0 if bias_E is None else bias_E)
+        counts_E = selection_counts(selection_TE, topk)
+    fraction_E = counts_E.float() / max(float(counts_E.sum()), 1.0)
+    mean_prob_E = logits_TE.float().softmax(dim=-1).mean(dim=0)
+    return num_experts * (fraction_E * mean_prob_E).sum()
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        device = tensor.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        reduced = tensor.detach().to(device).clone()
+        dist.all_reduce(reduced)
+        return reduced.to(tensor.device)
+    return tensor
+
+
+@torch.no_grad()
+def evaluate_balance(grouter, reference, batches, batch_size: int, max_tokens: int,
+                     device: torch.device | str = "cpu") -> dict:
+    """MaxVioGlobal of `grouter` and its top-k agreement with `reference` on the first held-out windows."""
+    from megatron_grouter.offline.affinity import window_row_batches
+
+    rank, world_size = _world()
+    num_experts, topk = grouter.config.num_experts, grouter.config.topk
+    max_windows = max(1, -(-int(max_tokens) // batches.windows.window))
+    load_E = torch.zeros(num_experts, dtype=torch.float64)
+    sums = torch.zeros(2, dtype=torch.float64)  # overlap sum, tokens
+    for rows in window_row_batches(len(batches), batch_size, rank, world_size, max_windows):
+        if len(rows) == 0:
+            continue
+        tokens_BW, mask_BW = batches.gather(rows)
+        tokens_BW, mask_BW = tokens_BW.to(device), mask_BW.to(device)
+        tuned_TK = grouter.route(tokens_BW, mask_BW)[0][mask_BW]
+        reference_TK = reference.route(tokens_BW, mask_BW)[0][mask_BW]
+        load_E += torch.bincount(tuned_TK.flatten().cpu(), minlength=num_experts).double()
+        overlap_T = (tuned_TK[:, :, None] == reference_TK[:, None, :]).any(-1).sum(-1)
+        sums += torch.tensor([float(overlap_T.sum()) / topk, float(len(tuned_TK))], dtype=torch.float64)
+    load_E, sums = _all_sum(load_E), _all_sum(sums)
+    return {"max_vio_global": max_violation(load_E), "topk_agreement": float(sums[0] / max(float(sums[1]), 1.0)),
+            "tokens": int(sums[1]), "load": load_E.long().tolist()}
+
+
+def _freeze_all_but_score(grouter) -> list[torch.nn.Parameter]:
+    trainable = []
+    for name, parameter in grouter.named_parameters():
+        parameter.requires_grad_(name.startswith("score."))
+        if parameter.requires_grad:
+            trainable.append(parameter)
+    return trainable
+
+
+def tune_grouter(grouter, train_batches, eval_batches, settings: TuneSettings,
+                 device: torch.device | str = "cpu", progress: bool = True) -> TuneResult:
+    """Tune a copy of `grouter` on `train_batches` (WindowBatches of this rank); see module docstring."""
+    from tqdm import tqdm
+
+    rank, world_size = _world()
+    reference = copy.deepcopy(grouter).to(device).eval()
+    tuned = copy.deepcopy(grouter).to(device).eval()  # eval: no dropout; the encoder is frozen anyway
+    topk, num_experts = tuned.config.topk, tuned.config.num_experts
+    before = evaluate_balance(reference, reference, eval_batches, settings.batch_size, settings.eval_tokens, device)
+    trainable = _freeze_all_but_score(tuned)
+    optimizer = torch.optim.Adam(trainable, lr=settings.lr) if settings.mode == "weights" else None
+    bias_step = None
+    step, tokens, stopped_by = 0, 0, "token budget"
+    window_load_E = torch.zeros(num_experts, dtype=torch.float64)
+    bar = tqdm(total=settings.max_tokens, desc=f"tune ({settings.mode})", unit="tok", unit_scale=True,
+               disable=not progress or rank != 0, mininterval=2.0)
+    started = time.perf_counter()
+    while tokens < settings.max_tokens:
+        tokens_BW, mask_BW = train_batches.batch(step)
+        tokens_BW, mask_BW = tokens_BW.to(device), mask_BW.to(device)
+        with torch.no_grad():
+            hidden_TH = tuned.hidden_states(tokens_BW, mask_BW)[mask_BW].float()
+        logits_TE = tuned.score(hidden_TH)
+        counts_E = _all_sum(selection_counts(logits_TE.detach() + tuned.expert_bias, topk))
+        if optimizer is not None:
+            loss = load_balancing_loss(logits_TE, topk, counts_E=counts_E)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for parameter in trainable:
+                parameter.grad = _all_sum(parameter.grad) / world_size
+            optimizer.step()
+        else:
+            if bias_step is None:
+                bias_step = settings.bias_rate * float(_all_sum(logits_TE.detach().std().reshape(1)) / world_size)
+            with torch.no_grad():
+                error_E = counts_E.float().mean() - counts_E.float()
+                tuned.expert_bias += bias_step * torch.sign(error_E).to(tuned.expert_bias.device)
+        batch_tokens = int(_all_sum(torch.tensor([hidden_TH.shape[0]], dtype=torch.float64)))
+        tokens += batch_tokens
+        window_load_E += counts_E.double().cpu()
+        step += 1
+        bar.update(batch_tokens)
+        if step % settings.check_interval == 0:
+            vio = max_violation(window_load_E)
+            bar.set_postfix(max_vio=f"{vio:.3f}", tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+            if vio <= settings.target_max_vio:
+                stopped_by = f"target MaxVioGlobal {settings.target_max_vio}"
+                break
+            window_load_E.zero_()
+    bar.close()
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    for parameter in tuned.parameters():
+        parameter.requires_grad_(True)
+    tuned.eval()
+    after = evaluate_balance(tuned, reference, eval_batches, settings.batch_size, settings.eval_tokens, device)
+    return TuneResult(grouter=tuned, steps=step, tokens=tokens, tokens_per_s=tokens / elapsed,
+                      stopped_by=stopped_by, before=before, after=after)
+
+
+def tuning_record(result: TuneResult, settings: TuneSettings) -> dict:
+    """Provenance history step of a tuning run (plain JSON)."""
+    strip = lambda report: {key: value for key, value in report.items() if key != "load"}  # noqa: E731
+    return {"step": "tune", "mode": settings.mode, "tokens": result.tokens, "steps": result.steps,
+            "stopped_by": result.stopped_by, "target_max_vio": settings.target_max_vio,
+            "lr": settings.lr, "bias_rate": settings.bias_rate,
+            "before": strip(result.before), "after": strip(result.after)}
+
