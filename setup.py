@@ -6,6 +6,7 @@ CONSOLE_SCRIPTS = [
     "mg-train=megatron_grouter.train:main",
     "mg-preprocess=megatron_grouter.offline.preprocess:main",
     "mg-predispatch=megatron_grouter.offline.predispatch:main",
+    "mg-distill=megatron_grouter.offline.distill:main",
 ]
 
 setup(
