@@ -7,6 +7,10 @@ CONSOLE_SCRIPTS = [
     "mg-preprocess=megatron_grouter.offline.preprocess:main",
     "mg-predispatch=megatron_grouter.offline.predispatch:main",
     "mg-distill=megatron_grouter.offline.distill:main",
+    "mg-affinity=megatron_grouter.offline.convert_cli:affinity_main",
+    "mg-fold=megatron_grouter.offline.convert_cli:fold_main",
+    "mg-expand=megatron_grouter.offline.convert_cli:expand_main",
+    "mg-tune=megatron_grouter.offline.convert_cli:tune_main",
 ]
 
 setup(

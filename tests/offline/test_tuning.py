@@ -1,0 +1,81 @@
+"""Expert tuning on the default corpus: an imbalanced Grouter gets balanced, routing mostly kept."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_grouter.errors import UserError
+from megatron_grouter.grouter.checkpoint import load_grouter, save_grouter
+from megatron_grouter.offline.convert_cli import run_tune
+from megatron_grouter.offline.tuning import load_balancing_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "routing"))
+from distill_runs import compose_tool  # noqa: E402
+from grouter_fixtures import random_grouter, small_corpus  # noqa: E402
+
+HEAVY_EXPERTS, EXTRA_LOGIT = (0, 1), 4.0
+
+
+@pytest.fixture(scope="module")
+def corpus(stdlib_data, tmp_path_factory):
+    torch.set_num_threads(1)
+    return small_corpus(stdlib_data, tmp_path_factory.mktemp("tune_corpus"), documents=100)
+
+
+@pytest.fixture(scope="module")
+def imbalanced_grouter(corpus, tmp_path_factory):
+    """A random Grouter whose two favourite experts get a large extra logit (like a source's bias)."""
+    root = tmp_path_factory.mktemp("tune_grouter")
+    grouter, info = load_grouter(random_grouter(corpus["tokenizer"], root / "random", seed=0))
+    with torch.no_grad():
+        grouter.score.bias[list(HEAVY_EXPERTS)] += EXTRA_LOGIT
+    return save_grouter(grouter, root / "imbalanced", provenance=info.provenance,
+                        tokenizer_fingerprint=info.tokenizer)
+
+
+def tune(corpus, grouter_dir, out, *extra):
+    return run_tune(compose_tool("tune", [f"grouter={grouter_dir}", f"data.prefix={corpus['prefix']}",
+                                          "max_tokens=400000", "target_max_vio=0.1", "eval_tokens=100000",
+                                          "progress=false", f"out={out}", *extra]))
+
+
+@pytest.mark.parametrize("mode", ["weights", "bias"])
+def test_tuning_cuts_max_violation_and_keeps_most_routing(mode, corpus, imbalanced_grouter, tmp_path):
+    summary = tune(corpus, imbalanced_grouter, tmp_path / "tuned", f"mode={mode}")
+    before, after = summary["before"], summary["after"]
+    print(f"{mode}: MaxVioGlobal {before['max_vio_global']:.3f} → {after['max_vio_global']:.3f} on "
+          f"{after['tokens']} held-out tokens, top-k agreement {after['topk_agreement']:.3f}, "
+          f"{summary['tokens']} tuning tokens ({summary['tokens_per_s']:.0f}/s), stopped by {summary['stopped_by']}")
+    assert before["max_vio_global"] > 0.6 and before["topk_agreement"] == 1.0
+    assert after["max_vio_global"] <= before["max_vio_global"] / 3
+    assert after["topk_agreement"] >= 0.7
+    tuned, info = load_grouter(summary["grouter"], expected_num_experts=8)
+    source, _ = load_grouter(imbalanced_grouter)
+    step = info.provenance["history"][-1]
+    assert step["step"] == "tune" and step["mode"] == mode and step["after"]["max_vio_global"] == after["max_vio_global"]
+    for name, tensor in source.state_dict().items():
+        changed = not torch.equal(tensor, tuned.state_dict()[name])
+        if mode == "weights":
+            assert changed == name.startswith("score."), name
+        else:
+            assert changed == (name == "expert_bias"), name
+
+
+def test_load_balancing_loss_is_one_when_balanced_and_pushes_heavy_experts_down():
+    logits_TE = torch.zeros(64, 4, requires_grad=True)
+    assert float(load_balancing_loss(logits_TE, 1, counts_E=torch.full((4,), 16))) == pytest.approx(1.0)
+    skewed_TE = torch.tensor([[3.0, 0, 0, 0]] * 64, requires_grad=True)
+    loss = load_balancing_loss(skewed_TE, 1)
+    loss.backward()
+    assert float(loss) > 1.5 and (skewed_TE.grad[:, 0] > 0).all()
+
+
+def test_bad_settings_are_refused(corpus, imbalanced_grouter, tmp_path):
+    with pytest.raises(UserError, match="mode"):
+        tune(corpus, imbalanced_grouter, tmp_path / "x", "mode=nonsense")
+    with pytest.raises(UserError, match="max_tokens"):
+        tune(corpus, imbalanced_grouter, tmp_path / "x", "max_tokens=0")
