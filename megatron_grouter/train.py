@@ -59,7 +59,13 @@ register_schema()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
-    run_app(train, cfg)
+    from megatron_grouter.training.preemption import exit_status
+
+    # A preempted run (SIGUSR1/SIGTERM: checkpointed and stopped early) exits with 75 so a
+    # scheduler can requeue it (Slurm: RequeueExit=75); a finished run exits 0.
+    status = exit_status(run_app(train, cfg))
+    if status:
+        sys.exit(status)
 
 
 def main() -> None:

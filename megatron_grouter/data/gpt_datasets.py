@@ -83,6 +83,21 @@ def build_gpt_datasets(prefix: str, tokenizer: Tokenizer, seq_length: int, seed:
                               eod_mask_loss=False, create_attention_mask=False,
                               mmap_bin_files=True)
     sizes = [max(0, int(count)) for count in num_samples]
+    _check_splits_have_documents(prefix, config)
     # Every rank gets its datasets; megatron's builder writes the index cache on rank 0 first
     # and lets the other ranks load it after a barrier.
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
+
+def _check_splits_have_documents(prefix: str, config: GPTDatasetConfig) -> None:
+    """megatron loops forever building samples from a split without documents; refuse instead."""
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    documents = len(_IndexReader(prefix + ".idx", multimodal=False).sequence_lengths)
+    for name, bounds in zip(("train", "valid", "test"), config.split_matrix):
+        if bounds is None:
+            continue
+        begin, end = bounds
+        if int(round(end * documents)) - int(round(begin * documents)) < 1:
+            raise UserError(f"data.split={config.split} leaves the {name} split no document of the "
+                            f"{documents} in {prefix}; use a larger corpus or a larger {name} share")

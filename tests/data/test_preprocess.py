@@ -222,3 +222,11 @@ def test_tools_script_explains_itself_and_exits_2_on_bad_input(tmp_path):
                           str(tmp_path / "nowhere"), "--output-prefix", str(tmp_path / "x")],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_split_without_documents_is_refused_not_a_hang(stdlib_data, tmp_path):
+    small = prepare_corpus("stdlib", str(tmp_path / "c20"), tokenizer=stdlib_data["tokenizer"],
+                           max_documents=20, progress=False)
+    with pytest.raises(UserError, match="leaves the test split no document"):
+        build_gpt_datasets(str(small.prefix), load_tokenizer(stdlib_data["tokenizer"]), seq_length=32,
+                           seed=1, split="96,2,2", num_samples=(10, 2, 0))
