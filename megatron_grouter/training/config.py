@@ -221,8 +221,8 @@ def validate(root: RootConfig, world_size: int, tokenizer_vocab: int | None = No
     if tokenizer_vocab is not None and model.vocab_size is not None and tokenizer_vocab > model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer_vocab} tokens but model.vocab_size="
                         f"{model.vocab_size}; raise model.vocab_size or leave it null")
-    if train.steps < 1 or train.warmup_steps < 0 or train.warmup_steps > train.steps:
-        raise UserError(f"train.warmup_steps={train.warmup_steps} must be within 0..train.steps="
-                        f"{train.steps}")
+    if train.steps < 1 or train.warmup_steps < 0:
+        raise UserError(f"train.steps={train.steps} must be ≥ 1 and train.warmup_steps="
+                        f"{train.warmup_steps} ≥ 0")
     if train.resume not in ("auto", "none") and not train.resume:
         raise UserError("train.resume must be auto, none or a checkpoint directory")
