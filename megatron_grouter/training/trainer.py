@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.moe.moe_utils import (MoEAuxLossAutoScaler,
+                                                     get_moe_layer_wise_logging_tracker)
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.routing.context import RoutingContext
@@ -77,6 +78,8 @@ class Trainer:
             module=model)
         self.optimizer = build_adamw(model, train)
         self.moe_layers = moe_layers(model)
+        # megatron's aux-loss tracker is process-global; a new model starts with an empty one.
+        get_moe_layer_wise_logging_tracker().clear()
         self.mask = causal_mask(train.seq_length, layout.device)
         self.step = 0
         self.tokens_seen = 0
