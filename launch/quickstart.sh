@@ -12,7 +12,7 @@ bash launch/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 PY=.venv/bin/python
 OUT=${QUICKSTART_OUT:-outputs/quickstart}
-STEPS=${QUICKSTART_STEPS:-300}
+STEPS=${QUICKSTART_STEPS:-200}
 DISTILL_STEPS=${QUICKSTART_DISTILL_STEPS:-300}
 
 echo "== 1/3 source MoE: tiny_cpu with the aux-loss router ($STEPS steps)"
