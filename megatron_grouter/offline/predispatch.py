@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 import hydra
@@ -27,8 +28,6 @@ def predispatch(cfg: DictConfig) -> dict:
     from megatron_grouter.grouter.checkpoint import grouter_fingerprint, load_grouter
     from megatron_grouter.routing.setup import default_cache_dir
     from megatron_grouter.training.loggers import setup_console_logging
-
-    import os
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
