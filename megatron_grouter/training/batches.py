@@ -49,15 +49,25 @@ def collate(dataset, sample_ids: list[int]) -> MicroBatch:
                       token_positions_BS=positions)
 
 
-def rank_sample_ids(step: int, global_batch_size: int, dp_rank: int, dp_size: int,
-                    dataset_size: int) -> list[int]:
-    per_rank = global_batch_size // dp_size
-    start = step * global_batch_size + dp_rank * per_rank
-    return [index % dataset_size for index in range(start, start + per_rank)]
+class SequentialSchedule:
+    """Which samples each data-parallel rank trains on at each step (the default order).
+
+    Step i takes samples [i·G, (i+1)·G) of the shuffled dataset; DP rank r the r-th contiguous
+    block of G/DP. Any schedule (e.g. a placement plan's) offers the same method, so a rank can
+    also ask which samples its peers train on — the planned dispatcher needs that.
+    """
+
+    def __init__(self, global_batch_size: int, dp_size: int, dataset_size: int):
+        self.global_batch_size = global_batch_size
+        self.dp_size = dp_size
+        self.dataset_size = dataset_size
+
+    def rank_sample_ids(self, step: int, dp_rank: int) -> list[int]:
+        per_rank = self.global_batch_size // self.dp_size
+        start = step * self.global_batch_size + dp_rank * per_rank
+        return [index % self.dataset_size for index in range(start, start + per_rank)]
 
 
-def micro_batches(dataset, step: int, global_batch_size: int, micro_batch_size: int,
-                  dp_rank: int, dp_size: int) -> list[MicroBatch]:
-    ids = rank_sample_ids(step, global_batch_size, dp_rank, dp_size, len(dataset))
-    return [collate(dataset, ids[start:start + micro_batch_size])
-            for start in range(0, len(ids), micro_batch_size)]
+def micro_batches(dataset, sample_ids: list[int], micro_batch_size: int) -> list[MicroBatch]:
+    return [collate(dataset, sample_ids[start:start + micro_batch_size])
+            for start in range(0, len(sample_ids), micro_batch_size)]

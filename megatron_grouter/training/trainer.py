@@ -24,7 +24,7 @@ from megatron_grouter.errors import UserError
 from megatron_grouter.routing.context import RoutingContext
 from megatron_grouter.runtime.distributed import ParallelLayout
 from megatron_grouter.training import checkpoint as ckpt
-from megatron_grouter.training.batches import MicroBatch, micro_batches
+from megatron_grouter.training.batches import MicroBatch, SequentialSchedule, micro_batches
 from megatron_grouter.training.config import RootConfig
 from megatron_grouter.training.init import layout_invariant_init
 from megatron_grouter.training.loggers import MetricsLogger
@@ -49,7 +49,7 @@ def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
 class Trainer:
     def __init__(self, config: RootConfig, layout: ParallelLayout, train_dataset, valid_dataset,
                  vocab_size: int, run_hooks: list | None = None,
-                 slot_of_expert: torch.Tensor | None = None):
+                 slot_of_expert: torch.Tensor | None = None, schedule=None):
         self.config = config
         self.layout = layout
         self.train_dataset = train_dataset
@@ -62,6 +62,10 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = train.global_batch_size // (train.micro_batch_size * self.dp_size)
+        self.schedule = schedule or SequentialSchedule(train.global_batch_size, self.dp_size,
+                                                       len(train_dataset))
+        self.valid_schedule = SequentialSchedule(train.global_batch_size, self.dp_size,
+                                                 len(valid_dataset))
 
         self.routing_context = RoutingContext(sequence_parallel=config.parallel.sequence_parallel)
         model = build_gpt_model(config.model, config.router, config.parallel, vocab_size,
@@ -102,8 +106,9 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         scale = 1.0 / self.num_microbatches
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(scale, device=self.layout.device))
-        batches = micro_batches(self.train_dataset, self.step, train.global_batch_size,
-                                train.micro_batch_size, self.dp_rank, self.dp_size)
+        batches = micro_batches(self.train_dataset,
+                                self.schedule.rank_sample_ids(self.step, self.dp_rank),
+                                train.micro_batch_size)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in batches:
             loss = self.micro_batch_loss(batch.to(self.layout.device))
@@ -137,8 +142,9 @@ class Trainer:
         self.ddp.eval()
         total = torch.zeros((), dtype=torch.float64)
         for index in range(train.eval_iters):
-            for batch in micro_batches(self.valid_dataset, index, train.global_batch_size,
-                                       train.micro_batch_size, self.dp_rank, self.dp_size):
+            for batch in micro_batches(self.valid_dataset,
+                                       self.valid_schedule.rank_sample_ids(index, self.dp_rank),
+                                       train.micro_batch_size):
                 total += self.micro_batch_loss(batch.to(self.layout.device)).double().cpu()
         for layer in self.moe_layers:  # evaluation traffic is not training load
             layer.router.load_meter.take()
