@@ -53,11 +53,21 @@ class GrouterConfig:
     scaling_factor: float = 1.0
     score_bias: bool = True
     dtype: str = "float32"
+    # Two-level routing of an expanded Grouter: expert e belongs to group expert_groups[e]
+    # (see gating.py); None: every expert is its own group.
+    expert_groups: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None and _is_int(self.hidden_size) and self.hidden_size > 0:
             object.__setattr__(self, "ffn_hidden_size", swiglu_ffn_size(self.hidden_size))
+        if isinstance(self.expert_groups, list):
+            object.__setattr__(self, "expert_groups", tuple(self.expert_groups))
         _validate(self)
+
+    @property
+    def num_groups(self) -> int:
+        """Units that top-k chooses among: expert groups, or experts."""
+        return self.num_experts if self.expert_groups is None else max(self.expert_groups) + 1
 
     @property
     def head_dim(self) -> int:
@@ -107,6 +117,15 @@ def _validate(config: GrouterConfig) -> None:
         value = getattr(config, name)
         if not _is_number(value) or value <= 0:
             raise UserError(f"Grouter config {name}={value!r} must be a positive finite number")
+    if config.expert_groups is not None:
+        groups = config.expert_groups
+        if (len(groups) != config.num_experts or not all(_is_int(g) and g >= 0 for g in groups)
+                or set(groups) != set(range(max(groups) + 1))):
+            raise UserError(f"Grouter config expert_groups must give each of the {config.num_experts} experts "
+                            "a group id, using every id 0..G-1; re-save the Grouter")
+        if config.topk > config.num_groups:
+            raise UserError(f"Grouter config topk={config.topk} exceeds its {config.num_groups} expert groups; "
+                            "choose topk <= the number of groups")
     if config.topk > config.num_experts:
         raise UserError(f"Grouter config topk={config.topk} exceeds num_experts={config.num_experts}; "
                         "choose topk <= num_experts")

@@ -47,6 +47,13 @@ class Grouter(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
 
+    @property
+    def expert_groups(self) -> torch.Tensor | None:
+        """Group of each expert [E] (two-level routing of an expanded Grouter), or None."""
+        if self.config.expert_groups is None:
+            return None
+        return torch.tensor(self.config.expert_groups, dtype=torch.long, device=self.score.weight.device)
+
     def _check_inputs(self, input_ids_BS: torch.Tensor,
                       attention_mask_BS: torch.Tensor | None) -> torch.Tensor | None:
         if input_ids_BS.dim() != 2 or input_ids_BS.dtype.is_floating_point:
@@ -94,12 +101,13 @@ class Grouter(nn.Module):
         """Top-k expert ids [B, S, k] (int64) and gate weights [B, S, k] (fp32).
 
         Experts are chosen by top-k of logits + selection bias (`expert_bias_E`, else the
-        module's `expert_bias`); weights come from the raw logits (see gating.select_experts).
+        module's `expert_bias`), by group first if the config has expert groups; weights come
+        from the raw logits (see gating.select_experts).
         """
         logits_BSE = self.logits(input_ids_BS, attention_mask_BS)
         bias_E = self.expert_bias if expert_bias_E is None else expert_bias_E
         return select_experts(logits_BSE, self.config.topk, self.config.score_function,
-                              self.config.scaling_factor, bias_E)
+                              self.config.scaling_factor, bias_E, self.expert_groups)
 
     def num_parameters(self) -> int:
         return sum(parameter.numel() for parameter in self.parameters())

@@ -201,7 +201,8 @@ def run_expand(cfg: DictConfig) -> dict:
     result = expand_grouter(grouter.cpu(), hidden_TH, logits_TE, num_target, cfg.seed)
     step = {"step": "expand", "source_experts": grouter.config.num_experts, "target_experts": num_target,
             "children": {str(parent): children for parent, children in result.parents.items()},
-            "alpha": result.alpha, "shift": result.shift, "violation_rate": result.violation_rate,
+            "alpha": {str(parent): alpha for parent, alpha in result.alpha.items()},
+            "violation_rate": result.violation_rate,
             "tokens": result.tokens, "source_grouter_fingerprint": grouter_fingerprint(cfg.grouter)}
     out = _save(result.grouter, cfg.out, with_history_step(info.provenance, step), info.tokenizer)
     log.info("expanded %d → %d experts (split %s); routing violations on %d tokens: %.4f; saved to %s",

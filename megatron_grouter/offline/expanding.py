@@ -7,21 +7,21 @@ Method (the reverse of folding; the released code expands, the paper only folds)
    other expert keeps its index and its score row.
 2. For each parent, the final hidden states h (`Grouter.hidden_states`) of the tokens whose top-k
    holds it are clustered by k-means into c clusters with centroids μ_j (mean μ̄).
-3. Child j's logit is the parent's plus a separating term:
-       z_j(h) = z_parent(h) + α·(s_j(h) − t),   s_j(h) = (μ_j − μ̄)·h − (‖μ_j‖² − 2μ̄·μ_j)/2,
-   i.e. row_j = row_parent + α(μ_j − μ̄), bias_j = bias_parent + α(c_j − t). argmax_j s_j(h) is
-   exactly the k-means (nearest-centroid) assignment, so the children split the parent's tokens
-   along its clusters. The shift t sets the children's max against the parent's logit: t = mean
-   of max_j s_j over the parent's tokens ("equal to the parent on average") or its minimum (the
-   winning child never falls below the parent, which with top-1 makes the split exact).
-4. α and t are chosen on the data the clusters came from: among a geometric grid, the pair with
-   the fewest routing violations (a token of a parent not going to exactly one of its children, or a
-   token of another expert losing it), the largest α among ties (widest separation of gates).
-
-Exactness: with top-1 routing and t = min, any α below the smallest logit margin of the sample
-gives zero violations, and the grid finds one. With top-k > 1 a *linear* score layer cannot be
-exact in general: the losing children's logits stay close to the parent's and can push a token's
-other experts out of its top-k. `ExpandResult.violation_rate` reports what remains on the data.
+3. Child j's score row is the parent's plus a separating term:
+       z_j(h) = z_parent(h) + α·(s_j(h) − s̄),   s_j(h) = (μ_j − μ̄)·h − (‖μ_j‖² − 2μ̄·μ_j)/2,
+   i.e. row_j = row_parent + α(μ_j − μ̄), bias_j = bias_parent + α(c_j − c̄) with s̄ the mean of
+   the offsets c_j. argmax_j s_j(h) is exactly the k-means (nearest-centroid) assignment, and
+   because Σ_j (μ_j − μ̄) = 0 the children's *mean* logit is the parent's logit for every h.
+4. The expanded Grouter routes in two levels (`GrouterConfig.expert_groups`, grouter/gating.py):
+   each parent's children form a group scored by their mean logit — the parent's logit — so the
+   top-k over groups is the source's top-k over experts; within a chosen group the best child takes
+   the token with the parent's gate weight. Hence, exactly (up to fp32 rounding of the mean): every
+   token formerly routed to a split parent goes to one of its children, every other expert keeps
+   its tokens and its gate weights. A single linear top-k over E_T logits cannot promise this for
+   top-k > 1 (a losing child can push another expert out), which is why the groups exist.
+5. α only sets how sharp the within-group choice is for the differentiable load-balancing loss of
+   tuning (softmax over the children): per parent, α makes the median winner–runner-up margin of
+   its tokens `TARGET_MARGIN` logits. `ExpandResult.violation_rate` checks the exactness on the data.
 """
 
 from __future__ import annotations
@@ -34,16 +34,16 @@ import numpy as np
 import torch
 
 from megatron_grouter.errors import UserError
+from megatron_grouter.grouter.gating import choose_experts
 
-ALPHA_GRID = tuple(2.0 ** -power for power in range(-4, 24, 2))
+TARGET_MARGIN = 2.0  # logits between the winning child and the runner-up (median token)
 
 
 @dataclass
 class ExpandResult:
     grouter: object
     parents: dict[int, list[int]]          # parent → its children (parent first)
-    alpha: float
-    shift: str
+    alpha: dict[int, float]               # parent → sharpness of its children's split
     violation_rate: float
     tokens: int
     details: dict = field(default_factory=dict)
@@ -115,6 +115,13 @@ def collect_routing(grouter, batches, batch_size: int, max_tokens: int | None,
     return torch.cat(hidden), torch.cat(logits)
 
 
+def split_sharpness(s_TC: torch.Tensor) -> float:
+    """α giving a median margin of TARGET_MARGIN between the winning and the second child."""
+    top2 = s_TC.topk(2, dim=1).values
+    median_margin = float((top2[:, 0] - top2[:, 1]).median())
+    return TARGET_MARGIN / max(median_margin, 1e-12)
+
+
 @torch.no_grad()
 def expand_grouter(grouter, hidden_TH: torch.Tensor, logits_TE: torch.Tensor, num_target: int,
                    seed: int = 0) -> ExpandResult:
@@ -124,6 +131,9 @@ def expand_grouter(grouter, hidden_TH: torch.Tensor, logits_TE: torch.Tensor, nu
     config = grouter.config
     if grouter.score.bias is None:
         raise UserError("expanding needs a Grouter with a score bias (score_bias=true) to centre its children")
+    if config.expert_groups is not None:
+        raise UserError("this Grouter was expanded already; expand its source once to the final "
+                        "expert count instead")
     num_source, topk = config.num_experts, config.topk
     bias_E = grouter.expert_bias.detach().float().cpu()
     old_TE = _topk_sets(logits_TE, bias_E, topk)
@@ -134,45 +144,31 @@ def expand_grouter(grouter, hidden_TH: torch.Tensor, logits_TE: torch.Tensor, nu
         next_slot += counts[parent] - 1
 
     hidden = hidden_TH.double()
-    terms = {}  # parent → (directions [c, H], offsets [c], s on all tokens [T, c])
+    terms, alphas = {}, {}  # parent → (directions [c, H], centred offsets [c])
     for parent, children in families.items():
         mine = old_TE[:, parent]
         directions_CH, offsets_C = separating_terms(hidden[mine].numpy(), len(children), seed)
-        directions = torch.from_numpy(directions_CH)
-        offsets = torch.from_numpy(offsets_C)
-        terms[parent] = (directions, offsets, hidden @ directions.T + offsets)
-
-    shift_options = {}
-    for shift_name in ("min", "mean"):
-        shifts = {}
-        for parent, (_, _, s_TC) in terms.items():
-            winners = s_TC[old_TE[:, parent]].max(dim=1).values
-            shifts[parent] = float(winners.min() if shift_name == "min" else winners.mean())
-        shift_options[shift_name] = shifts
-    new_config = dataclasses.replace(config, num_experts=num_target)
-    hidden_f32 = hidden_TH.float()
-    best = None
-    for shift_name, shifts in shift_options.items():
-        for alpha in ALPHA_GRID:
-            # judge each candidate by the exact fp32 layer it would become, as Grouter.route uses it
-            candidate = _score_rows(grouter, num_target, families, terms, shifts, alpha)
-            logits = torch.nn.functional.linear(hidden_f32, candidate["score.weight"], candidate["score.bias"])
-            new_TE = _topk_sets(logits, candidate["expert_bias"], topk)
-            violations = count_violations(old_TE, new_TE, families)
-            key = (violations, -alpha)
-            if best is None or key < best[0]:
-                best = (key, alpha, shift_name, candidate)
-    (violations, _), alpha, shift_name, rows = best
+        directions, offsets = torch.from_numpy(directions_CH), torch.from_numpy(offsets_C)
+        terms[parent] = (directions, offsets - offsets.mean())
+        alphas[parent] = split_sharpness(hidden[mine] @ directions.T + offsets)
+    groups = list(range(num_source)) + [0] * (num_target - num_source)
+    for parent, children in families.items():
+        for child in children:
+            groups[child] = parent
+    new_config = dataclasses.replace(config, num_experts=num_target, expert_groups=tuple(groups))
     state = copy.deepcopy(grouter.state_dict())
-    state.update(rows)
+    state.update(_score_rows(grouter, num_target, families, terms, alphas))
     expanded = Grouter(new_config)
     expanded.load_state_dict(state, strict=True)
-    return ExpandResult(grouter=expanded.to(grouter.score.weight.device), parents=families, alpha=alpha,
-                        shift=shift_name,
+    new_logits_TE = torch.nn.functional.linear(hidden_TH.float(), state["score.weight"], state["score.bias"])
+    chosen_TK = choose_experts(new_logits_TE + state["expert_bias"], topk, expanded.expert_groups)
+    new_TE = torch.zeros(len(chosen_TK), num_target, dtype=torch.bool).scatter_(1, chosen_TK, True)
+    violations = count_violations(old_TE, new_TE, families)
+    return ExpandResult(grouter=expanded.to(grouter.score.weight.device), parents=families, alpha=alphas,
                         violation_rate=violations / max(len(old_TE), 1), tokens=len(old_TE))
 
 
-def _score_rows(grouter, num_target: int, families, terms, shifts, alpha: float) -> dict[str, torch.Tensor]:
+def _score_rows(grouter, num_target: int, families, terms, alphas) -> dict[str, torch.Tensor]:
     """score.weight / score.bias / expert_bias of the expanded Grouter (fp32, on CPU)."""
     weight = grouter.score.weight.detach().double().cpu()
     bias = grouter.score.bias.detach().double().cpu()
@@ -183,10 +179,11 @@ def _score_rows(grouter, num_target: int, families, terms, shifts, alpha: float)
     new_expert_bias = torch.zeros(num_target, dtype=torch.float64)
     new_weight[:num_source], new_bias[:num_source], new_expert_bias[:num_source] = weight, bias, expert_bias
     for parent, children in families.items():
-        directions, offsets, _ = terms[parent]
+        directions, centred_offsets = terms[parent]
+        alpha = alphas[parent]
         for position, child in enumerate(children):
             new_weight[child] = weight[parent] + alpha * directions[position]
-            new_bias[child] = bias[parent] + alpha * (offsets[position] - shifts[parent])
+            new_bias[child] = bias[parent] + alpha * centred_offsets[position]
             new_expert_bias[child] = expert_bias[parent]
     return {"score.weight": new_weight.float(), "score.bias": new_bias.float(),
             "expert_bias": new_expert_bias.float()}

@@ -136,6 +136,8 @@ def fold_grouter(grouter, mapping_ST: np.ndarray):
     if num_source != grouter.config.num_experts:
         raise UserError(f"the fold mapping has {num_source} source experts but the Grouter has "
                         f"{grouter.config.num_experts}; build the mapping for this Grouter")
+    if grouter.config.expert_groups is not None:
+        raise UserError("this Grouter was expanded (two-level routing); fold its source Grouter instead")
     if grouter.config.topk > num_target:
         raise UserError(f"cannot fold to {num_target} experts: the Grouter selects top-{grouter.config.topk}; "
                         f"choose num_experts >= {grouter.config.topk}")

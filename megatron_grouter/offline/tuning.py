@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_grouter.errors import UserError
+from megatron_grouter.grouter.gating import choose_experts, expert_probabilities
 from megatron_grouter.training.moe_metrics import max_violation
 
 MODES = ("weights", "bias")
@@ -63,21 +64,24 @@ class TuneResult:
     after: dict = field(default_factory=dict)
 
 
-def selection_counts(selection_TE: torch.Tensor, topk: int) -> torch.Tensor:
-    """Token count per expert [E] of a top-k over selection scores."""
-    indices_TK = selection_TE.topk(topk, dim=-1).indices
+def selection_counts(selection_TE: torch.Tensor, topk: int,
+                     groups_E: torch.Tensor | None = None) -> torch.Tensor:
+    """Token count per expert [E] of the (two-level, with groups) top-k over selection scores."""
+    indices_TK = choose_experts(selection_TE, topk, groups_E)
     return torch.bincount(indices_TK.flatten(), minlength=selection_TE.shape[-1])
 
 
 def load_balancing_loss(logits_TE: torch.Tensor, topk: int, bias_E: torch.Tensor | None = None,
-                        counts_E: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch/GShard loss E·Σ f_i·P_i (1 when perfectly balanced); f from the biased top-k."""
+                        counts_E: torch.Tensor | None = None,
+                        groups_E: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch/GShard loss E·Σ f_i·P_i (1 when perfectly balanced); f from the biased top-k,
+    P from the router's distribution (two-level for an expanded Grouter)."""
     num_tokens, num_experts = logits_TE.shape
     if counts_E is None:
         selection_TE = logits_TE.detach() + (0 if bias_E is None else bias_E)
-        counts_E = selection_counts(selection_TE, topk)
+        counts_E = selection_counts(selection_TE, topk, groups_E)
     fraction_E = counts_E.float() / max(float(counts_E.sum()), 1.0)
-    mean_prob_E = logits_TE.float().softmax(dim=-1).mean(dim=0)
+    mean_prob_E = expert_probabilities(logits_TE.float(), groups_E).mean(dim=0)
     return num_experts * (fraction_E * mean_prob_E).sum()
 
 
@@ -155,9 +159,10 @@ def tune_grouter(grouter, train_batches, eval_batches, settings: TuneSettings,
         with torch.no_grad():
             hidden_TH = tuned.hidden_states(tokens_BW, mask_BW)[mask_BW].float()
         logits_TE = tuned.score(hidden_TH)
-        counts_E = _all_sum(selection_counts(logits_TE.detach() + tuned.expert_bias, topk))
+        counts_E = _all_sum(selection_counts(logits_TE.detach() + tuned.expert_bias, topk,
+                                             tuned.expert_groups))
         if optimizer is not None:
-            loss = load_balancing_loss(logits_TE, topk, counts_E=counts_E)
+            loss = load_balancing_loss(logits_TE, topk, counts_E=counts_E, groups_E=tuned.expert_groups)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for parameter in trainable:

@@ -169,3 +169,39 @@ def test_gradients_reach_every_parameter():
     logits_BSE = model.logits(random_ids(2, 6))
     logits_BSE.logsumexp(-1).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_expert_groups_route_by_group_mean_then_best_member():
+    from megatron_grouter.grouter.gating import expert_probabilities
+
+    torch.manual_seed(0)
+    logits_TE = torch.randn(500, 6)
+    flat_ids, flat_w = select_experts(logits_TE, 2, "softmax", 1.0)
+    singletons = torch.arange(6)
+    ids, weights = select_experts(logits_TE, 2, "softmax", 1.0, groups_E=singletons)
+    assert torch.equal(ids, flat_ids) and torch.allclose(weights, flat_w)
+    # experts 4 and 5 form group 4 (with 0..3 alone): the group is chosen by the mean of its two
+    # logits and then its better member takes the token, with the group's gate weight.
+    groups_E = torch.tensor([0, 1, 2, 3, 4, 4])
+    ids, weights = select_experts(logits_TE, 2, "softmax", 1.0, groups_E=groups_E)
+    group_logits_TG = torch.cat([logits_TE[:, :4], logits_TE[:, 4:].mean(1, keepdim=True)], dim=1)
+    expected_groups_TK = group_logits_TG.topk(2).indices
+    assert torch.equal(groups_E[ids], expected_groups_TK)
+    in_group = ids >= 4
+    best_member_TK = (4 + logits_TE[:, 4:].argmax(1))[:, None].expand_as(ids)
+    assert in_group.any() and torch.equal(ids[in_group], best_member_TK[in_group])
+    torch.testing.assert_close(weights, group_logits_TG.gather(1, expected_groups_TK).softmax(-1))
+    probabilities = expert_probabilities(logits_TE, groups_E)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(500))
+    torch.testing.assert_close(probabilities[:, 4:].sum(-1), group_logits_TG.softmax(-1)[:, 4])
+
+
+def test_expert_groups_must_cover_every_expert():
+    from megatron_grouter.grouter.config import GrouterConfig
+
+    with pytest.raises(UserError, match="expert_groups"):
+        GrouterConfig(vocab_size=VOCAB, num_experts=4, topk=1, expert_groups=[0, 1, 3, 3])
+    with pytest.raises(UserError, match="groups"):
+        GrouterConfig(vocab_size=VOCAB, num_experts=4, topk=3, expert_groups=[0, 0, 1, 1])
+    config = GrouterConfig(vocab_size=VOCAB, num_experts=4, topk=2, expert_groups=[0, 0, 1, 2])
+    assert config.num_groups == 3 and GrouterConfig.from_dict(config.to_dict()) == config
