@@ -12,11 +12,25 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 
 class LoadMeter(torch.nn.Module):
-    """Accumulates the tokens routed to each expert; not part of the state dict."""
+    """Accumulates the tokens routed to each expert (and, for routers that report one, the
+    per-token routing entropy); not part of the state dict."""
 
     def __init__(self, num_experts: int):
         super().__init__()
         self.register_buffer("tokens_per_expert_E", torch.zeros(num_experts), persistent=False)
+        self.register_buffer("entropy_sum_tokens", torch.zeros(2, dtype=torch.float64), persistent=False)
+
+    @torch.no_grad()
+    def record_entropy(self, entropy_T: torch.Tensor) -> None:
+        self.entropy_sum_tokens += torch.stack([entropy_T.double().sum(),
+                                                torch.tensor(float(entropy_T.numel()), dtype=torch.float64,
+                                                             device=entropy_T.device)])
+
+    def take_entropy(self) -> torch.Tensor:
+        """[entropy sum, tokens] since the last call (zeros if the router reports none)."""
+        value = self.entropy_sum_tokens.clone()
+        self.entropy_sum_tokens.zero_()
+        return value
 
     @torch.no_grad()
     def record(self, routing_map_TE: torch.Tensor) -> None:

@@ -8,7 +8,8 @@ Evaluation (or no grad): the most probable subset, same gates without the surrog
 k_max is `moe_router_topk` (megatron sizes its buffers with it); k_min defaults to k_max
 (exact-k). `moe_router_pre_softmax=False` renormalises the gates over the chosen experts (what
 megatron's top-k softmax router gives), `True` keeps softmax over all experts (the official
-ProbMoE formula). z-loss, the aux losses (computed on megatron's own top-k scores) and token
+ProbMoE formula). In training the router also meters the exact entropy of its subset
+distribution (`probmoe_dp.subset_entropy`, logged per layer as moe/subset_entropy). z-loss, the aux losses (computed on megatron's own top-k scores) and token
 dropping work as in TopKRouter; expert bias, sinkhorn and group-limited routing are refused.
 """
 
@@ -28,7 +29,12 @@ from megatron_grouter.routing.probmoe_dp import (
     most_probable_subset,
     sample_with_marginals,
     straight_through_gates,
+    subset_entropy,
 )
+
+# Tokens per forward whose exact subset entropy is metered (a strided sample: the DP costs
+# as much as routing itself, and a mean over 512 tokens is precise enough for a log line).
+ENTROPY_SAMPLE_TOKENS = 512
 
 
 def _refuse_unsupported(config) -> None:
@@ -102,4 +108,8 @@ class ProbMoERouter(TopKRouter):
                                                    with_padding_mask=with_padding)
 
         self.load_meter.record(routing_map_TE)
+        if self.training:
+            stride = max(1, logits_TE.shape[0] // ENTROPY_SAMPLE_TOKENS)
+            self.load_meter.record_entropy(subset_entropy(logits_TE.detach()[::stride].float(),
+                                                          self.k_min, self.k_max))
         return probs_TE, routing_map_TE

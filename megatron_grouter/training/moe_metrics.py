@@ -52,8 +52,21 @@ def collect_aux_losses(num_microbatches: int) -> dict[str, float]:
 def summarise_loads(loads_LE: torch.Tensor, num_tokens: int) -> dict[str, float]:
     per_layer = [max_violation(load_E) for load_E in loads_LE]
     # MaxVioGlobal of a layer: over the whole global batch; the headline is the layer mean.
+    active_L = loads_LE.sum(1) / max(1, num_tokens)
     summary = {"moe/max_vio": sum(per_layer) / max(1, len(per_layer)),
-               "moe/active_experts": float(loads_LE.sum(1).mean()) / max(1, num_tokens)}
+               "moe/active_experts": float(active_L.mean())}
     for index, value in enumerate(per_layer):
         summary[f"moe/max_vio_layer{index}"] = value
+        summary[f"moe/active_experts_layer{index}"] = float(active_L[index])
+    return summary
+
+
+def collect_routing_entropy(moe_layers: list) -> dict[str, float]:
+    """Mean per-token routing entropy of each layer whose router meters one, over DP ranks."""
+    sums_L2 = _data_parallel_sum(torch.stack([layer.router.load_meter.take_entropy() for layer in moe_layers]))
+    if float(sums_L2[:, 1].sum()) == 0:
+        return {}
+    per_layer = (sums_L2[:, 0] / sums_L2[:, 1].clamp_min(1)).tolist()
+    summary = {"moe/subset_entropy": sum(per_layer) / len(per_layer)}
+    summary.update({f"moe/subset_entropy_layer{index}": value for index, value in enumerate(per_layer)})
     return summary

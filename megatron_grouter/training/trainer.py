@@ -31,7 +31,7 @@ from megatron_grouter.training.loggers import MetricsLogger
 from megatron_grouter.training.lr_schedule import learning_rate
 from megatron_grouter.training.model import build_gpt_model, moe_layers
 from megatron_grouter.training.moe_metrics import (collect_aux_losses, collect_layer_loads,
-                                                   summarise_loads)
+                                                   collect_routing_entropy, summarise_loads)
 from megatron_grouter.training.optimizer import build_adamw, optimizer_step
 
 log = logging.getLogger("megatron_grouter")
@@ -126,6 +126,7 @@ class Trainer:
         stats = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                  **summarise_loads(loads_LE, train.global_batch_size * train.seq_length), **{f"moe/{name}": value for name, value
                                                  in collect_aux_losses(self.num_microbatches).items()}}
+        stats.update(collect_routing_entropy(self.moe_layers))
         for hook in self.hooks:
             stats.update(hook.step_metrics(self) or {})
         return stats
@@ -148,6 +149,7 @@ class Trainer:
                 total += self.micro_batch_loss(batch.to(self.layout.device)).double().cpu()
         for layer in self.moe_layers:  # evaluation traffic is not training load
             layer.router.load_meter.take()
+            layer.router.load_meter.take_entropy()
         collect_aux_losses(1)
         return self.data_parallel_mean(total / (train.eval_iters * self.num_microbatches))
 

@@ -55,6 +55,16 @@ def test_log_normaliser_matches_enumeration(k_min, k_max):
     torch.testing.assert_close(dp.log_normaliser(logits_TE, k_min, k_max), log_z_T, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("k_min,k_max", RANGES)
+def test_subset_entropy_matches_enumeration(k_min, k_max):
+    logits_TE = random_logits(6, 7, seed=4)
+    _, _, probs_TS, _ = brute_force(logits_TE, k_min, k_max)
+    expected_T = -(probs_TS * probs_TS.clamp_min(1e-300).log()).sum(1)
+    torch.testing.assert_close(dp.subset_entropy(logits_TE, k_min, k_max), expected_T, atol=1e-6, rtol=0)
+    uniform = dp.subset_entropy(torch.zeros(1, 7, dtype=torch.float64), k_min, k_max)
+    torch.testing.assert_close(uniform, torch.tensor([float(len(probs_TS[0]))]).log().double())
+
+
 def test_log_count_table_matches_enumeration_of_every_prefix():
     logits_TE = random_logits(4, 6, seed=2)
     table_TIK = dp.log_count_table(logits_TE, k_max=4)

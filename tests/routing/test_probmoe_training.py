@@ -1,5 +1,7 @@
 """ProbMoE routers train inside megatron-core's MoELayer, also with expert parallelism."""
 
+import math
+
 from train_runs import MICRO_MODEL, data_overrides, read_metrics, torchrun, train_in_process, val_losses
 
 
@@ -13,6 +15,12 @@ def test_probmoe_dynamic_k_trains_within_its_range(stdlib_data, tmp_path):
     active = [record["moe/active_experts"] for record in read_metrics(tmp_path) if "loss" in record]
     assert all(1.0 <= value <= 2.0 for value in active)
     assert min(active) < 2.0  # some tokens really use fewer than k_max experts
+    record = [record for record in read_metrics(tmp_path) if "loss" in record][-1]
+    layers = range(2)
+    assert all(1.0 <= record[f"moe/active_experts_layer{layer}"] <= 2.0 for layer in layers)
+    # subsets of 1 or 2 of 8 experts: entropy between 0 and log(8 + 28)
+    assert all(0.0 < record[f"moe/subset_entropy_layer{layer}"] < math.log(36) for layer in layers)
+    assert 0.0 <= record["moe/max_vio_layer0"]
 
 
 def test_probmoe_exact_k_with_expert_parallelism(stdlib_data, tmp_path):
