@@ -20,12 +20,12 @@ from pathlib import Path
 
 import hydra
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from megatron_grouter.app import CONF_DIR, run_app
 from megatron_grouter.errors import UserError
+from megatron_grouter.runtime.distributed import all_reduce_host
 
 log = logging.getLogger("megatron_grouter")
 
@@ -145,18 +145,13 @@ class Distiller:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, train.lr, train.min_lr, train.warmup_steps, train.steps)
         self.optimizer.step()
-        tokens = torch.tensor(float(teacher_TE.shape[0]))
-        if dist.is_initialized():
-            dist.all_reduce(tokens)
+        tokens = all_reduce_host(torch.tensor(float(teacher_TE.shape[0])))
         self.tokens_seen += int(tokens)
         return self.all_mean(loss.detach())
 
     def all_mean(self, value: torch.Tensor) -> float:
-        value = value.detach().float().cpu().clone()
-        if dist.is_initialized():
-            dist.all_reduce(value)
-            value /= self.world_size
-        return float(value)
+        value = all_reduce_host(value.detach().float().cpu().clone())
+        return float(value) / self.world_size
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -168,8 +163,7 @@ class Distiller:
             sums += torch.tensor([kl_per_token(teacher_TE, student_TE).sum().item(),
                                   overlap_T.sum().item(), exact_T.sum().item(), teacher_TE.shape[0]],
                                  dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(sums)
+        sums = all_reduce_host(sums)
         count = max(float(sums[3]), 1.0)
         return {"eval_kl": float(sums[0]) / count, "eval_topk_overlap": float(sums[1]) / count,
                 "eval_exact_match": float(sums[2]) / count,

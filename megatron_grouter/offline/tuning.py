@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_grouter.errors import UserError
+from megatron_grouter.runtime.distributed import all_reduce_host
 from megatron_grouter.grouter.gating import choose_experts, expert_probabilities
 from megatron_grouter.training.moe_metrics import max_violation
 
@@ -92,12 +93,7 @@ def _world() -> tuple[int, int]:
 
 
 def _all_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        device = tensor.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        reduced = tensor.detach().to(device).clone()
-        dist.all_reduce(reduced)
-        return reduced.to(tensor.device)
-    return tensor
+    return all_reduce_host(tensor.detach().clone()) if dist.is_initialized() else tensor
 
 
 @torch.no_grad()

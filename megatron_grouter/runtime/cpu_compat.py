@@ -2,7 +2,8 @@
 
 megatron-core 0.16.1 runs its GPT/MoE model on CPU with gloo once a few places that assume a
 CUDA device are answered. Every answer lives here, is applied only when CUDA is absent, and
-is idempotent. On CUDA machines `apply_cpu_compat()` does nothing.
+is idempotent. On CUDA machines `apply_cpu_compat()` only answers the one gap that is about
+Transformer Engine rather than CUDA (a GPU image without TE hits it too; seen on an H200).
 """
 
 from __future__ import annotations
@@ -63,9 +64,19 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+def _answer_missing_transformer_engine() -> None:
+    """router_gating_linear names te_general_gemm, which only exists when Transformer Engine
+    imports (NameError otherwise, on CPU and on GPUs without TE); None selects its torch.mm path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def apply_cpu_compat() -> None:
     """Patch the CUDA-only spots of megatron-core; a no-op when CUDA is available."""
     global _APPLIED
+    _answer_missing_transformer_engine()
     if _APPLIED or torch.cuda.is_available():
         return
 
@@ -79,14 +90,7 @@ def apply_cpu_compat() -> None:
     mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
-    # 3. router_gating_linear names te_general_gemm, which only exists when Transformer Engine
-    #    imports; None selects its plain torch.mm path.
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-    # 4. dist_checkpointing's async filesystem writer synchronises CUDA after its copies to CPU.
+    # 3. dist_checkpointing's async filesystem writer synchronises CUDA after its copies to CPU.
     torch.cuda.synchronize = lambda *args, **kwargs: None
 
     _APPLIED = True

@@ -110,3 +110,19 @@ def shutdown_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_host(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """all_reduce of a host-side statistic on any backend; returns the reduced tensor on the host.
+
+    NCCL reduces device tensors only, so under NCCL the value makes a round trip through the
+    current GPU; gloo reduces it in place. Without a process group the tensor comes back as is.
+    """
+    if not dist.is_initialized():
+        return tensor
+    if dist.get_backend(group) == "nccl":
+        on_device = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_device, op=op, group=group)
+        return on_device.to(tensor.device)
+    dist.all_reduce(tensor, op=op, group=group)
+    return tensor

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
+from megatron_grouter.runtime.distributed import all_reduce_host
+
 
 def is_expert_parameter(param: torch.nn.Parameter) -> bool:
     return not getattr(param, "allreduce", True)
@@ -30,8 +32,9 @@ def global_grad_norm(params: list[torch.nn.Parameter]) -> float:
         elif param_is_not_tensor_parallel_duplicate(param):
             dense_sq += square
     if dist.is_initialized():
-        dist.all_reduce(dense_sq, group=parallel_state.get_tensor_model_parallel_group())
-        dist.all_reduce(expert_sq, group=parallel_state.get_expert_tensor_and_model_parallel_group())
+        dense_sq = all_reduce_host(dense_sq, group=parallel_state.get_tensor_model_parallel_group())
+        expert_sq = all_reduce_host(expert_sq,
+                                    group=parallel_state.get_expert_tensor_and_model_parallel_group())
     return math.sqrt(float(dense_sq + expert_sq))
 
 

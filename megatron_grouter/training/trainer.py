@@ -22,7 +22,7 @@ from megatron.core.transformer.moe.moe_utils import (MoEAuxLossAutoScaler,
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.routing.context import RoutingContext
-from megatron_grouter.runtime.distributed import ParallelLayout
+from megatron_grouter.runtime.distributed import ParallelLayout, all_reduce_host
 from megatron_grouter.training import checkpoint as ckpt
 from megatron_grouter.training.batches import MicroBatch, SequentialSchedule, micro_batches
 from megatron_grouter.training.config import RootConfig
@@ -132,9 +132,7 @@ class Trainer:
         return stats
 
     def data_parallel_mean(self, value: torch.Tensor) -> float:
-        value = value.clone().double()
-        if dist.is_initialized():
-            dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        value = all_reduce_host(value.clone().double(), group=parallel_state.get_data_parallel_group())
         return float(value) / self.dp_size
 
     @torch.no_grad()
