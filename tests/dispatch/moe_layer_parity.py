@@ -32,14 +32,14 @@ CASES = [Case("plan"), Case("plan_permuted", permuted=True), Case("counted", pla
          Case("first_rank_only", routing="first_rank_only")]
 
 
-def source_routing(case: Case, rank: int, ep_size: int, num_tokens: int) -> torch.Tensor:
-    """[T, k] source expert ids of EP rank `rank`: any rank can compute any rank's (host only)."""
-    generator = torch.Generator().manual_seed(1000 * CASES.index(case) + rank)
+def source_routing(case: Case, ep_rank: int, ep_size: int, rank: int, num_tokens: int) -> torch.Tensor:
+    """[T, k] source expert ids of global rank `rank`: any rank can compute any rank's (host only)."""
+    generator = torch.Generator().manual_seed(1000 * CASES.index(case) + 10 * ep_size + rank)
     local = NUM_EXPERTS // ep_size
     if case.routing == "random":
         allowed = list(range(NUM_EXPERTS))
     elif case.routing == "rank0_local":
-        allowed = list(range(local)) if rank == 0 else list(range(NUM_EXPERTS - 1))
+        allowed = list(range(local)) if ep_rank == 0 else list(range(NUM_EXPERTS - 1))
     else:
         allowed = list(range(local))
     scores_TA = torch.rand(num_tokens, len(allowed), generator=generator)
@@ -86,65 +86,76 @@ def forward_backward(layer, hidden_SBH, upstream_SBH):
     return output.detach(), inputs.grad, grads
 
 
-def parity_worker(rank: int, world_size: int, port: int, case_names: list[str]) -> None:
+def parity_worker(rank: int, world_size: int, port: int, ep_sizes: list[int],
+                  case_names: list[str]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
+    from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
+
+    try:
+        for ep_size in ep_sizes:  # EP < world size: several EP groups side by side
+            init_distributed(expert_parallel=ep_size, num_experts=NUM_EXPERTS)
+            for case in [case for case in CASES if case.name in case_names]:
+                check_case(case, rank, ep_size)
+    finally:
+        shutdown_distributed()
+
+
+def check_case(case: Case, rank: int, ep_size: int) -> None:
+    from megatron.core import parallel_state
+
     from megatron_grouter.dispatch.context import DispatchContext, DispatchPlanMismatch
     from megatron_grouter.dispatch.plan import DispatchPlan, routed_expert_counts
     from megatron_grouter.dispatch.planned_dispatcher import install_planned_dispatchers
     from megatron_grouter.routing.context import Routing, RoutingContext
-    from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
 
-    init_distributed(expert_parallel=world_size, num_experts=NUM_EXPERTS)
-    try:
-        num_tokens = SEQ * BATCH
-        for case in [case for case in CASES if case.name in case_names]:
-            slot_of_expert = slot_permutation(case)
-            routing_context = RoutingContext()
-            layer = build_layer(routing_context, slot_of_expert, world_size)
-            allgather = layer.token_dispatcher
-            dispatch_context = DispatchContext(verify=True)
-            install_planned_dispatchers(layer, dispatch_context)
-            planned = layer.token_dispatcher
+    num_tokens = SEQ * BATCH
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    ep_peers = torch.distributed.get_process_group_ranks(
+        parallel_state.get_expert_model_parallel_group())
+    slot_of_expert = slot_permutation(case)
+    routing_context = RoutingContext()
+    layer = build_layer(routing_context, slot_of_expert, ep_size)
+    allgather = layer.token_dispatcher
+    dispatch_context = DispatchContext(verify=True)
+    install_planned_dispatchers(layer, dispatch_context)
+    planned = layer.token_dispatcher
 
-            indices_TK = source_routing(case, rank, world_size, num_tokens)
-            routing_context.set(Routing(indices_TK.view(SEQ, BATCH, TOPK),
-                                        torch.full((SEQ, BATCH, TOPK), 1.0 / TOPK)))
-            generator = torch.Generator().manual_seed(100 + rank)
-            hidden_SBH = torch.randn(SEQ, BATCH, HIDDEN, generator=generator)
-            upstream_SBH = torch.randn(SEQ, BATCH, HIDDEN, generator=generator)
+    indices_TK = source_routing(case, ep_rank, ep_size, rank, num_tokens)
+    routing_context.set(Routing(indices_TK.view(SEQ, BATCH, TOPK),
+                                torch.full((SEQ, BATCH, TOPK), 1.0 / TOPK)))
+    generator = torch.Generator().manual_seed(100 + rank)
+    hidden_SBH = torch.randn(SEQ, BATCH, HIDDEN, generator=generator)
+    upstream_SBH = torch.randn(SEQ, BATCH, HIDDEN, generator=generator)
 
-            layer.token_dispatcher = allgather
-            expected = forward_backward(layer, hidden_SBH, upstream_SBH)
-            counts_RE = torch.stack([
-                routed_expert_counts(source_routing(case, peer, world_size, num_tokens), NUM_EXPERTS,
-                                     slot_of_expert) for peer in range(world_size)])
-            if case.planned:
-                dispatch_context.set(DispatchPlan(counts_RE))
-            layer.token_dispatcher = planned
-            actual = forward_backward(layer, hidden_SBH, upstream_SBH)
-            message = f"case {case.name}, EP rank {rank}"
-            torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-6, msg=message)
-            torch.testing.assert_close(actual[1], expected[1], rtol=1e-5, atol=1e-6, msg=message)
-            assert actual[2].keys() == expected[2].keys()
-            for name in expected[2]:
-                torch.testing.assert_close(actual[2][name], expected[2][name], rtol=1e-5, atol=1e-6,
-                                           msg=f"{message}, grad of {name}")
-            if case.routing == "first_rank_only" and rank > 0:  # these experts saw no token
-                assert all(not grad.any() for name, grad in actual[2].items() if "experts" in name)
+    layer.token_dispatcher = allgather
+    expected = forward_backward(layer, hidden_SBH, upstream_SBH)
+    counts_RE = torch.stack([
+        routed_expert_counts(source_routing(case, peer_ep_rank, ep_size, peer, num_tokens),
+                             NUM_EXPERTS, slot_of_expert)
+        for peer_ep_rank, peer in enumerate(ep_peers)])
+    if case.planned:
+        dispatch_context.set(DispatchPlan(counts_RE))
+    layer.token_dispatcher = planned
+    actual = forward_backward(layer, hidden_SBH, upstream_SBH)
+    message = f"case {case.name}, EP={ep_size}, rank {rank}"
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-6, msg=message)
+    torch.testing.assert_close(actual[1], expected[1], rtol=1e-5, atol=1e-6, msg=message)
+    assert actual[2].keys() == expected[2].keys()
+    for name in expected[2]:
+        torch.testing.assert_close(actual[2][name], expected[2][name], rtol=1e-5, atol=1e-6,
+                                   msg=f"{message}, grad of {name}")
+    if case.routing == "first_rank_only" and ep_rank > 0:  # these experts saw no token
+        assert all(not grad.any() for name, grad in actual[2].items() if "experts" in name)
 
-            if case.planned:  # a plan that disagrees with the routing is one clear error
-                wrong_RE = counts_RE.clone()
-                wrong_RE[:, 0] += 1
-                dispatch_context.set(DispatchPlan(wrong_RE))
-                try:
-                    layer(hidden_SBH)
-                except DispatchPlanMismatch as error:
-                    assert "out of step with the routing" in str(error) and "\n" not in str(error)
-                else:
-                    raise AssertionError("a wrong plan was not caught")
-            dispatch_context.clear()
-            routing_context.clear()
-    finally:
-        shutdown_distributed()
+    if case.planned:  # a plan that disagrees with the routing is one clear error
+        wrong_RE = counts_RE.clone()
+        wrong_RE[:, 0] += 1
+        dispatch_context.set(DispatchPlan(wrong_RE))
+        try:
+            layer(hidden_SBH)
+        except DispatchPlanMismatch as error:
+            assert "out of step with the routing" in str(error) and "\n" not in str(error)
+        else:
+            raise AssertionError("a wrong plan was not caught")
