@@ -69,7 +69,8 @@ class DispatchPlan:
 def routed_expert_counts(indices_TK: torch.Tensor, num_experts: int,
                          slot_of_expert: torch.Tensor | None = None,
                          weights_TK: torch.Tensor | None = None,
-                         activation_threshold: float | None = None) -> torch.Tensor:
+                         activation_threshold: float | None = None,
+                         scaling_factor: float = 1.0) -> torch.Tensor:
     """Token copies per expert slot, [E], for tokens routed to source experts `indices_TK`.
 
     Mirrors the preemptive routers: source expert g lands in slot slot_of_expert[g]; with a
@@ -81,6 +82,7 @@ def routed_expert_counts(indices_TK: torch.Tensor, num_experts: int,
     if activation_threshold is not None:
         if weights_TK is None:
             raise ValueError("counting with an activation threshold needs the gate weights")
-        weights_TK = weights_TK.float().cpu()
-        slots_TK = slots_TK[threshold_mask(weights_TK, activation_threshold) & (weights_TK > 0)]
+        weights_TK = weights_TK.float().cpu() * scaling_factor  # as FixedRouter compares them
+        keep_TK = threshold_mask(weights_TK, activation_threshold * scaling_factor) & (weights_TK > 0)
+        slots_TK = slots_TK[keep_TK]
     return torch.bincount(slots_TK.reshape(-1), minlength=num_experts)
