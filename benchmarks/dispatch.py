@@ -9,7 +9,7 @@ interleaved step by step so that machine noise hits them alike:
 Prints the median step time of each and the ratios measured in this run. Then, unless
 --planner-samples 0, times the EP placement planner (placement.make_plan) on synthetic routing.
 
-  .venv/bin/python benchmarks/dispatch.py                         # EP=2, 4096 tokens per rank
+  .venv/bin/python benchmarks/dispatch.py                         # EP=2, 4096 tokens per rank, top-2
   .venv/bin/python benchmarks/dispatch.py --tokens 8192 --hidden 512 --planner-samples 0
 """
 
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--ffn", type=int, default=256)
     parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--topk", type=int, default=4)
+    parser.add_argument("--topk", type=int, default=2, help="top-k = EP: both move equal rows")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -156,9 +156,12 @@ def main() -> None:
         results = manager.dict()
         mp.spawn(worker, args=(args, free_port(), results), nprocs=args.ep, join=True)
         results = dict(results)
+    splits = results["splits"]
+    # all-to-all moves token copies (one per routed expert); allgather moves every token once.
     print(f"MoE layer fwd+bwd, EP={args.ep}, {args.tokens} tokens/rank, hidden {args.hidden}, "
-          f"ffn {args.ffn}, E={args.experts} top-{args.topk}, median of {args.steps} steps "
-          f"(rank 0 sends {results['splits']} token copies):")
+          f"ffn {args.ffn}, E={args.experts} top-{args.topk}, median of {args.steps} steps; rows "
+          f"rank 0 sends to peers per direction: all-to-all {sum(splits) - splits[0]}, allgather "
+          f"{args.tokens * (args.ep - 1)}:")
     for name in DISPATCHERS:
         print(f"  {name:<10} {results[name] * 1e3:8.2f} ms")
     print(f"  ratios: allgather/planned {results['allgather'] / results['planned']:.3f}  "
