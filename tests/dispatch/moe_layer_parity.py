@@ -21,6 +21,7 @@ class Case:
     name: str
     routing: str = "random"  # random | rank0_local: rank 0 keeps its tokens, the last expert idle
     #                          | first_rank_only: every token goes to EP rank 0's experts
+    #                          | learned: megatron's TopKRouter picks (no plan possible)
     permuted: bool = False  # a non-identity slot_of_expert
     planned: bool = True  # plan given (else counted at run time)
 
@@ -29,14 +30,15 @@ CASES = [Case("plan"), Case("plan_permuted", permuted=True), Case("counted", pla
          Case("counted_permuted", permuted=True, planned=False),
          Case("rank0_local", routing="rank0_local"),
          Case("rank0_local_counted", routing="rank0_local", planned=False),
-         Case("first_rank_only", routing="first_rank_only")]
+         Case("first_rank_only", routing="first_rank_only"),
+         Case("learned", routing="learned", planned=False)]
 
 
 def source_routing(case: Case, ep_rank: int, ep_size: int, rank: int, num_tokens: int) -> torch.Tensor:
     """[T, k] source expert ids of global rank `rank`: any rank can compute any rank's (host only)."""
     generator = torch.Generator().manual_seed(1000 * CASES.index(case) + 10 * ep_size + rank)
     local = NUM_EXPERTS // ep_size
-    if case.routing == "random":
+    if case.routing in ("random", "learned"):
         allowed = list(range(NUM_EXPERTS))
     elif case.routing == "rank0_local":
         allowed = list(range(local)) if ep_rank == 0 else list(range(NUM_EXPERTS - 1))
@@ -50,11 +52,12 @@ def slot_permutation(case: Case) -> torch.Tensor | None:
     return torch.randperm(NUM_EXPERTS, generator=torch.Generator().manual_seed(7)) if case.permuted else None
 
 
-def build_layer(routing_context, slot_of_expert, ep_size: int):
+def build_layer(routing_context, slot_of_expert, ep_size: int, learned: bool = False):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
 
+    from megatron_grouter.routing.metered_router import MeteredTopKRouter
     from megatron_grouter.routing.preemptive_router import HybridRouter
 
     config = TransformerConfig(
@@ -66,8 +69,8 @@ def build_layer(routing_context, slot_of_expert, ep_size: int):
         bias_dropout_fusion=False, gradient_accumulation_fusion=False)
     spec = get_moe_module_spec(use_te=False, num_experts=NUM_EXPERTS, moe_grouped_gemm=False)
     # The hybrid router's gate is trainable, so the probs' gradient path is checked as well.
-    spec.submodules.router = functools.partial(HybridRouter, context=routing_context,
-                                               slot_of_expert=slot_of_expert)
+    spec.submodules.router = MeteredTopKRouter if learned else functools.partial(
+        HybridRouter, context=routing_context, slot_of_expert=slot_of_expert)
     layer = build_module(spec, config=config)
     with torch.no_grad():  # distinct weights per rank and expert
         generator = torch.Generator().manual_seed(torch.distributed.get_rank())
@@ -116,7 +119,7 @@ def check_case(case: Case, rank: int, ep_size: int) -> None:
         parallel_state.get_expert_model_parallel_group())
     slot_of_expert = slot_permutation(case)
     routing_context = RoutingContext()
-    layer = build_layer(routing_context, slot_of_expert, ep_size)
+    layer = build_layer(routing_context, slot_of_expert, ep_size, learned=case.routing == "learned")
     allgather = layer.token_dispatcher
     dispatch_context = DispatchContext(verify=True)
     install_planned_dispatchers(layer, dispatch_context)
