@@ -1,9 +1,11 @@
 """The planned all-to-all dispatcher computes what megatron-core's allgather dispatcher computes.
 
-Real MoELayers (megatron's experts, our hybrid router) in real gloo process groups: outputs,
-input gradients and every parameter gradient agree to fp32 round-off, for EP=2 and EP=4, with
-and without an expert permutation, with a host-side plan and with counts taken at run time, and
-when a rank sends nothing to its peers, an expert receives nothing, or a rank's experts are idle.
+Real MoELayers (megatron's experts; our hybrid router, or megatron's TopKRouter) in real gloo
+process groups: outputs, input gradients and every parameter gradient (experts and gate) agree
+to fp32 round-off, for EP=4 and EP=2 (two groups side by side), with and without an expert
+permutation, with a host-side plan and with counts taken at run time, and when a rank sends
+nothing to its peers, an expert receives nothing, or a rank's experts are idle. A plan that
+disagrees with the routing stops the layer with a one-line error (verify mode).
 """
 
 import torch
