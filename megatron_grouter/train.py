@@ -23,6 +23,7 @@ log = logging.getLogger("megatron_grouter")
 
 
 def train(cfg: DictConfig) -> dict:
+    from megatron_grouter.dispatch.setup import build_dispatch_hook
     from megatron_grouter.routing.setup import build_routing_hook
     from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
     from megatron_grouter.runtime.seed import set_seed
@@ -47,6 +48,9 @@ def train(cfg: DictConfig) -> dict:
         hook = build_routing_hook(root, trainer, data.prefix, data.tokenizer, layout.device)
         if hook is not None:
             trainer.hooks.append(hook)
+        dispatch_hook = build_dispatch_hook(root, trainer, hook)
+        if dispatch_hook is not None:  # after the routing hook: plans the same micro-batch
+            trainer.hooks.append(dispatch_hook)
         summary = trainer.run()
         log.info("done: %s", summary)
         return summary

@@ -101,7 +101,8 @@ class ParallelConfig:
     pipeline: int = 1
     expert: int = 1
     sequence_parallel: bool = False
-    dispatcher: str = "allgather"  # allgather | alltoall (CUDA)
+    dispatcher: str = "allgather"  # allgather | alltoall (CUDA) | planned (dispatch/)
+    verify_dispatch_plan: bool = False  # planned: check the plan against each layer's routing
 
 
 @dataclass
@@ -155,6 +156,23 @@ def register_schema() -> None:
 
 
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "sinkhorn", "none")
+DISPATCHERS = ("allgather", "alltoall", "planned")
+
+
+def validate_dispatcher(parallel: ParallelConfig) -> None:
+    if parallel.dispatcher not in DISPATCHERS:
+        raise UserError(f"parallel.dispatcher={parallel.dispatcher!r} is unknown; choose one of "
+                        f"{', '.join(DISPATCHERS)}")
+    if parallel.dispatcher == "planned":
+        if parallel.expert < 2:
+            raise UserError("parallel.dispatcher=planned needs expert parallelism (parallel.expert "
+                            "≥ 2); with one EP rank use parallel.dispatcher=allgather")
+        if parallel.tensor > 1:
+            raise UserError("parallel.dispatcher=planned supports parallel.tensor=1 only; use "
+                            "parallel.dispatcher=alltoall with tensor parallelism")
+    elif parallel.verify_dispatch_plan:
+        raise UserError("parallel.verify_dispatch_plan checks the planned dispatcher; set "
+                        "parallel.dispatcher=planned or drop it")
 
 
 def to_train_config(cfg: DictConfig | dict) -> RootConfig:
@@ -216,6 +234,7 @@ def validate(root: RootConfig, world_size: int, tokenizer_vocab: int | None = No
         if not transformer_engine_available():
             raise UserError("parallel.tensor > 1 with MoE needs sequence parallelism, which megatron-core's "
                             "local (non-TE) norms do not support; use parallel.tensor=1 without CUDA+TE")
+    validate_dispatcher(parallel)
     if parallel.sequence_parallel and parallel.tensor == 1:
         raise UserError("parallel.sequence_parallel needs parallel.tensor > 1")
     if tokenizer_vocab is not None and model.vocab_size is not None and tokenizer_vocab > model.vocab_size:

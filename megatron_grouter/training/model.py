@@ -13,6 +13,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from megatron_grouter.dispatch.context import DispatchContext
+from megatron_grouter.dispatch.planned_dispatcher import install_planned_dispatchers
 from megatron_grouter.routing.context import RoutingContext
 from megatron_grouter.routing.registry import router_kind
 from megatron_grouter.training.config import ModelConfig, ParallelConfig, RouterConfig
@@ -69,7 +71,8 @@ def transformer_config(model: ModelConfig, router: RouterConfig, parallel: Paral
         moe_router_topk=model.topk,
         moe_layer_freq=moe_layer_pattern(model),
         moe_shared_expert_intermediate_size=model.shared_expert_intermediate_size,
-        moe_token_dispatcher_type=parallel.dispatcher,
+        # The planned dispatcher replaces allgather's after construction (same expert layout).
+        moe_token_dispatcher_type="allgather" if parallel.dispatcher == "planned" else parallel.dispatcher,
         moe_grouped_gemm=False,
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,
@@ -103,11 +106,13 @@ def layer_spec(config: TransformerConfig, router: RouterConfig, context: Routing
 
 def build_gpt_model(model: ModelConfig, router: RouterConfig, parallel: ParallelConfig,
                     vocab_size: int, bf16: bool = False, context: RoutingContext | None = None,
-                    slot_of_expert: torch.Tensor | None = None) -> GPTModel:
-    """GPTModel whose preemptive routers (if any) read their routing from `context`."""
+                    slot_of_expert: torch.Tensor | None = None,
+                    dispatch_context: DispatchContext | None = None) -> GPTModel:
+    """GPTModel whose preemptive routers (if any) read their routing from `context`; with
+    `parallel.dispatcher=planned` its dispatchers read their plans from `dispatch_context`."""
     config = transformer_config(model, router, parallel, bf16=bf16)
     context = context or RoutingContext(sequence_parallel=parallel.sequence_parallel)
-    return GPTModel(
+    gpt_model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config, router, context, slot_of_expert),
         vocab_size=vocab_size,
@@ -116,6 +121,9 @@ def build_gpt_model(model: ModelConfig, router: RouterConfig, parallel: Parallel
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
     )
+    if parallel.dispatcher == "planned":
+        install_planned_dispatchers(gpt_model, dispatch_context or DispatchContext())
+    return gpt_model
 
 
 def moe_layers(gpt_model: torch.nn.Module) -> list[MoELayer]:

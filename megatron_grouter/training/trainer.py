@@ -20,6 +20,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.transformer.moe.moe_utils import (MoEAuxLossAutoScaler,
                                                      get_moe_layer_wise_logging_tracker)
 
+from megatron_grouter.dispatch.context import DispatchContext
 from megatron_grouter.errors import UserError
 from megatron_grouter.routing.context import RoutingContext
 from megatron_grouter.runtime.distributed import ParallelLayout, all_reduce_host
@@ -68,9 +69,11 @@ class Trainer:
                                                  len(valid_dataset))
 
         self.routing_context = RoutingContext(sequence_parallel=config.parallel.sequence_parallel)
+        self.dispatch_context = DispatchContext(verify=config.parallel.verify_dispatch_plan)
         model = build_gpt_model(config.model, config.router, config.parallel, vocab_size,
                                 bf16=train.bf16, context=self.routing_context,
-                                slot_of_expert=slot_of_expert).to(layout.device)
+                                slot_of_expert=slot_of_expert,
+                                dispatch_context=self.dispatch_context).to(layout.device)
         layout_invariant_init(model, train.seed, config.model.init_method_std,
                               config.model.num_layers, config.model.num_experts)
         self.model = model
