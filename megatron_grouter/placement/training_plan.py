@@ -8,6 +8,7 @@ mapping assumes megatron's expert grid with TP = PP = 1 (checked).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,8 @@ from megatron_grouter.placement.plan import Plan
 from megatron_grouter.placement.schedule import PlannedSchedule
 from megatron_grouter.placement.traffic import EPTrafficHook
 from megatron_grouter.placement.training_samples import cache_fingerprint, sample_order_fingerprint
+
+log = logging.getLogger("megatron_grouter")
 
 
 @dataclass
@@ -81,6 +84,9 @@ def load_training_plan(root, prefix: str, train_dataset) -> TrainingPlan | None:
     dp_rank = parallel_state.get_data_parallel_rank()
     if parallel_state.get_expert_model_parallel_rank() != dp_rank % plan.ep_size:
         raise UserError("this parallel layout does not put EP rank r at dp_rank ≡ r (mod EP); use TP=PP=1")
+    ratio = plan.stats.get("ratios_to_default", {}).get("dedup_sends_rank")
+    log.info("placement plan %s: EP %d, %d global batches, planned dedup sends %s of the default layout",
+             path, plan.ep_size, plan.placement_QRM.shape[0], f"{ratio:.3f}x" if ratio is not None else "n/a")
     return TrainingPlan(plan, PlannedSchedule(plan, parallel_state.get_data_parallel_world_size()))
 
 
