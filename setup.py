@@ -6,6 +6,7 @@ CONSOLE_SCRIPTS = [
     "mg-train=megatron_grouter.train:main",
     "mg-preprocess=megatron_grouter.offline.preprocess:main",
     "mg-predispatch=megatron_grouter.offline.predispatch:main",
+    "mg-plan-ep=megatron_grouter.offline.plan_ep:main",
     "mg-distill=megatron_grouter.offline.distill:main",
     "mg-affinity=megatron_grouter.offline.convert_cli:affinity_main",
     "mg-fold=megatron_grouter.offline.convert_cli:fold_main",

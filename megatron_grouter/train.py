@@ -24,6 +24,7 @@ log = logging.getLogger("megatron_grouter")
 
 def train(cfg: DictConfig) -> dict:
     from megatron_grouter.dispatch.setup import build_dispatch_hook
+    from megatron_grouter.placement.training_plan import load_training_plan, traffic_hook
     from megatron_grouter.routing.setup import build_routing_hook
     from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
     from megatron_grouter.runtime.seed import set_seed
@@ -44,13 +45,18 @@ def train(cfg: DictConfig) -> dict:
         set_seed(root.train.seed)
         data = prepare_datasets(root, layout)
         validate(root, layout.world_size, tokenizer_vocab=data.tokenizer.vocab_size)
-        trainer = Trainer(root, layout, data.train, data.valid, vocab_size=data.model_vocab_size)
+        planned = load_training_plan(root, data.prefix, data.train)
+        trainer = Trainer(root, layout, data.train, data.valid, vocab_size=data.model_vocab_size,
+                          **(planned.trainer_arguments() if planned else {}))
         hook = build_routing_hook(root, trainer, data.prefix, data.tokenizer, layout.device)
         if hook is not None:
             trainer.hooks.append(hook)
         dispatch_hook = build_dispatch_hook(root, trainer, hook)
         if dispatch_hook is not None:  # after the routing hook: plans the same micro-batch
             trainer.hooks.append(dispatch_hook)
+        traffic = traffic_hook(root, planned.plan if planned else None)
+        if traffic is not None:  # after the routing hook: it reads the routing that hook set
+            trainer.hooks.append(traffic)
         summary = trainer.run()
         log.info("done: %s", summary)
         return summary

@@ -9,7 +9,9 @@ rank touches), layout (default layout, batch placements), volumes (pairs and ded
 expert_groups (paper clustering + Hungarian; co-activation partitioning), token_patterns and
 group_refinement (exact swap descent), sample_placement (equal-share placement per batch),
 joint_search (alternation), bounds (relaxation, exact tiny optimum), plan (the saved Plan),
-planner (make_plan), synthetic (routing with known structure).
+planner (make_plan), synthetic (routing with known structure). Training side: training_samples
+(a run's samples' routing from the cache, fingerprints), schedule (PlannedSchedule),
+training_plan (load and check a plan in mg-train), traffic (per-step EP traffic metrics).
 """
 
 from megatron_grouter.placement.plan import Plan

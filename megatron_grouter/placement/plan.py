@@ -4,9 +4,9 @@
 per EP rank (rank r owns slots r·E/EP .. (r+1)·E/EP - 1), so the model's own contiguous expert
 layout realises the grouping once the router maps Grouter expert ids through the inverse
 permutation. `placement_QRM[q, r]` lists the sample ids rank r trains on in global batch q. The
-plan is tied to one routing cache by `routing_cache_fingerprint`; training refuses a plan made
-for other routing. It is stored as one .npz whose `meta` entry is a json string, written
-atomically (temporary file, then os.replace).
+plan is tied to one routing cache by `routing_cache_fingerprint` and, through `training`, to one
+GPTDataset sample order; training refuses a plan made for other routing or other samples. It
+is stored as one .npz whose `meta` entry is a json string, written atomically (temporary file, then os.replace).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ class Plan:
     slot_to_expert: np.ndarray
     placement_QRM: np.ndarray
     stats: dict = field(default_factory=dict)
+    # what the sample ids mean: GPTDataset sample-order fingerprint, seq_length, seed, ... (plan_ep)
+    training: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.slot_to_expert = np.asarray(self.slot_to_expert, dtype=np.int64)
@@ -106,6 +108,7 @@ class Plan:
             "granularity": self.granularity,
             "routing_cache_fingerprint": self.routing_cache_fingerprint,
             "stats": self.stats,
+            "training": self.training,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -154,4 +157,5 @@ class Plan:
             slot_to_expert=slot_to_expert,
             placement_QRM=placement_QRM,
             stats=meta.get("stats", {}),
+            training=meta.get("training", {}),
         )

@@ -52,7 +52,7 @@ class GrouterRoutingConfig:
     cache: Optional[str] = None  # routing cache directory (source=cached)
     scaling_factor: float = 1.0
     activation_threshold: Optional[float] = None  # dynamic activation (off by default)
-    plan: Optional[str] = None  # an EP placement plan (expert permutation)
+    plan: Optional[str] = None  # an EP placement plan from mg-plan-ep (expert slots + sample schedule)
 
 
 @dataclass
@@ -103,6 +103,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     dispatcher: str = "allgather"  # allgather | alltoall (CUDA) | planned (dispatch/)
     verify_dispatch_plan: bool = False  # planned: check the plan against each layer's routing
+    ranks_per_node: int = 8  # EP ranks per node, for the ep/*_node traffic metrics
 
 
 @dataclass

@@ -20,10 +20,12 @@ _LOCAL_EXPERT = re.compile(r"local_experts\.(\d+)\.")
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
 
 
-def global_parameter_name(name: str, num_local_experts: int, expert_rank: int) -> str:
-    """Rename `local_experts.i.` to the expert's global index."""
+def global_parameter_name(name: str, num_local_experts: int, expert_rank: int,
+                          expert_of_slot: list[int] | None = None) -> str:
+    """Rename `local_experts.i.` to the expert's global index (through expert_of_slot, if given)."""
     def to_global(match: re.Match) -> str:
-        return f"local_experts.{expert_rank * num_local_experts + int(match.group(1))}."
+        slot = expert_rank * num_local_experts + int(match.group(1))
+        return f"local_experts.{slot if expert_of_slot is None else expert_of_slot[slot]}."
 
     return _LOCAL_EXPERT.sub(to_global, name)
 
@@ -35,8 +37,9 @@ def _full_tensor(shape: tuple[int, ...], std: float, seed: int, name: str) -> to
 
 @torch.no_grad()
 def layout_invariant_init(model: torch.nn.Module, seed: int, std: float, num_layers: int,
-                          num_experts: int) -> None:
-    """Re-draw every matrix parameter (norm weights keep megatron's ones)."""
+                          num_experts: int, expert_of_slot: list[int] | None = None) -> None:
+    """Re-draw every matrix parameter (norm weights keep megatron's ones). With `expert_of_slot`
+    (a placement's permutation) slot s gets the weights of expert expert_of_slot[s]."""
     expert_parallel = parallel_state.get_expert_model_parallel_world_size()
     expert_rank = parallel_state.get_expert_model_parallel_rank()
     tensor_parallel = parallel_state.get_tensor_model_parallel_world_size()
@@ -47,7 +50,7 @@ def layout_invariant_init(model: torch.nn.Module, seed: int, std: float, num_lay
         if param.dim() < 2:
             continue
         name = name.removeprefix("module.")
-        global_name = global_parameter_name(name, num_local_experts, expert_rank)
+        global_name = global_parameter_name(name, num_local_experts, expert_rank, expert_of_slot)
         full_shape = list(param.shape)
         partition_dim = getattr(param, "partition_dim", -1)
         sharded = getattr(param, "tensor_model_parallel", False) and partition_dim >= 0

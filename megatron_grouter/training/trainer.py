@@ -74,8 +74,11 @@ class Trainer:
                                 bf16=train.bf16, context=self.routing_context,
                                 slot_of_expert=slot_of_expert,
                                 dispatch_context=self.dispatch_context).to(layout.device)
+        # A permuted layout starts each Grouter expert from the same weights as the identity one.
         layout_invariant_init(model, train.seed, config.model.init_method_std,
-                              config.model.num_layers, config.model.num_experts)
+                              config.model.num_layers, config.model.num_experts,
+                              expert_of_slot=None if slot_of_expert is None
+                              else torch.argsort(slot_of_expert).tolist())
         self.model = model
         self.ddp = DistributedDataParallel(
             config=model.config,

@@ -1,0 +1,99 @@
+"""mg-plan-ep: an EP placement plan for an mg-train run, from the routing cache of its Grouter.
+
+Rebuilds the run's GPTDataset (same prefix, split, seq_length, seed and sample count, so the
+same sample order as mg-train), reads every training sample's top-k experts from the cache,
+runs the planner (placement/planner.py) and saves the plan with the cache's fingerprint and the
+sample order's. Prints the plan's dispatch volumes against the default layout (contiguous
+experts, samples in order) and the capacity-free bound. Train with router.grouter.plan=<out>.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import hydra
+from omegaconf import DictConfig
+
+from megatron_grouter.app import CONF_DIR, run_app
+
+log = logging.getLogger("megatron_grouter")
+
+
+def _open_routing_cache(cfg: DictConfig):
+    from megatron_grouter.data.routing_cache import open_cache
+    from megatron_grouter.grouter.checkpoint import grouter_fingerprint
+    from megatron_grouter.routing.setup import default_cache_dir
+
+    fingerprint = grouter_fingerprint(cfg.grouter)
+    cache_dir = cfg.cache or str(default_cache_dir(cfg.data.prefix, fingerprint))
+    return open_cache(cache_dir, cfg.data.prefix, grouter_fingerprint=fingerprint)
+
+
+def _training_dataset(cfg: DictConfig):
+    from pathlib import Path
+
+    from megatron_grouter.data.gpt_datasets import build_gpt_datasets
+    from megatron_grouter.data.tokenizer import load_tokenizer
+
+    train = cfg.train
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    num_samples = (train.steps * train.global_batch_size, max(1, train.eval_iters) * train.global_batch_size, 0)
+    train_ds, _, _ = build_gpt_datasets(cfg.data.prefix, tokenizer, seq_length=train.seq_length, seed=train.seed,
+                                        split=cfg.data.split, num_samples=num_samples,
+                                        cache_dir=str(Path(cfg.data.out_dir) / "index_cache"))
+    return train_ds
+
+
+def plan_ep(cfg: DictConfig) -> dict:
+    from megatron_grouter.placement.planner import PlannerSettings, make_plan
+    from megatron_grouter.placement.training_samples import (cache_fingerprint, sample_order_fingerprint,
+                                                             training_topk)
+    from megatron_grouter.training.loggers import setup_console_logging
+
+    setup_console_logging(True)
+    cache = _open_routing_cache(cfg)
+    num_experts, global_batch = int(cache.manifest["num_experts"]), int(cfg.train.global_batch_size)
+    settings = PlannerSettings(ep_size=cfg.ep_size, global_batch=global_batch, ranks_per_node=cfg.ranks_per_node,
+                               granularity=cfg.granularity, method=cfg.method, placement=cfg.placement,
+                               perturbations=cfg.perturbations, search_samples=cfg.search_samples,
+                               report_samples=cfg.report_samples, seed=cfg.seed)
+    settings.check(num_experts)
+    train_ds = _training_dataset(cfg)
+    num_batches = len(train_ds) // global_batch  # ≥ train.steps: GPTDataset adds epochs as needed
+    log.info("plan-ep: %d batches of %d samples x %d tokens, E=%d top-%d, EP %d (%s), cache %s", num_batches,
+             global_batch, cfg.train.seq_length, num_experts, cache.topk, cfg.ep_size, cfg.granularity, cache.directory)
+    started = time.perf_counter()
+    topk_SLK = training_topk(train_ds, cache, num_batches * global_batch, progress=cfg.progress)
+    read_seconds = time.perf_counter() - started
+    log.info("plan-ep: read the routing of %d samples in %.1fs; planning (%s)", topk_SLK.shape[0], read_seconds,
+             cfg.method)
+    plan, report = make_plan(topk_SLK, num_experts, settings, cache_fingerprint(cache.manifest))
+    plan.training = {"sample_order": sample_order_fingerprint(train_ds), "seq_length": cfg.train.seq_length,
+                     "seed": cfg.train.seed, "steps": cfg.train.steps, "split": cfg.data.split,
+                     "prefix": cfg.data.prefix}
+    path = plan.save(cfg.out)
+    default, planned = report.default.summary(), report.planned.summary()
+    for name in ("dedup_sends_rank", "pairs_leaving_rank", "dedup_sends_node", "pairs_leaving_node"):
+        log.info("plan-ep: %-19s default %12d  planned %12d", name, default[name], planned[name])
+    for line in report.lines():
+        log.info("plan-ep: %s", line)
+    log.info("plan-ep: saved %s", path)
+    ratios = report.planned.ratios_to(report.default)
+    return {"plan": str(path), "batches": num_batches, "default": default, "planned": planned,
+            "ratios": ratios, "bound_ratio": report.capacity_free_sends / max(default["dedup_sends_rank"], 1),
+            "seconds": {"read": read_seconds, **report.seconds}}
+
+
+@hydra.main(config_path=str(CONF_DIR / "tool"), config_name="plan_ep", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    run_app(plan_ep, cfg)
+
+
+def main() -> None:
+    hydra_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

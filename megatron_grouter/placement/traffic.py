@@ -1,0 +1,67 @@
+"""EP dispatch traffic of each training step, counted on the host from routing and placement.
+
+For every token a rank trains on, its top-k Grouter experts live on EP ranks given by
+`expert_to_rank` (the plan's, or Megatron's contiguous default). Counted per step:
+- pairs leaving the rank (node): token-expert pairs whose expert is on another rank (node);
+- dedup sends to ranks (nodes): a token goes once to each other rank (node) hosting any of its
+  experts, as DeepEP sends it — what all-to-all time follows.
+Each rank counts its own tokens; the step's totals are summed over the data-parallel group.
+Node of EP rank r: r // ranks_per_node.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+FIELDS = ("tokens", "pairs_leaving_rank", "pairs_leaving_node", "sends_rank", "sends_node")
+
+
+def _remote_distinct(owner_TK: np.ndarray, own: int) -> int:
+    """Σ_t number of distinct values ≠ own in row t."""
+    sorted_TK = np.sort(owner_TK, axis=1)
+    first_TK = np.ones(sorted_TK.shape, dtype=bool)
+    first_TK[:, 1:] = sorted_TK[:, 1:] != sorted_TK[:, :-1]
+    return int((first_TK & (sorted_TK != own)).sum())
+
+
+def token_traffic(indices_TK: np.ndarray, expert_to_rank: np.ndarray, rank: int, ranks_per_node: int) -> dict[str, int]:
+    """Traffic of the tokens trained on EP rank `rank` (indices_TK: their Grouter expert ids)."""
+    rank_TK = np.asarray(expert_to_rank, dtype=np.int64)[np.asarray(indices_TK, dtype=np.int64)]
+    node_TK, node = rank_TK // ranks_per_node, rank // ranks_per_node
+    return {"tokens": int(rank_TK.shape[0]),
+            "pairs_leaving_rank": int((rank_TK != rank).sum()),
+            "pairs_leaving_node": int((node_TK != node).sum()),
+            "sends_rank": _remote_distinct(rank_TK, rank),
+            "sends_node": _remote_distinct(node_TK, node)}
+
+
+class EPTrafficHook:
+    """Trainer hook: counts each micro-batch's traffic after the routing hook filled the context,
+    and reports the step's totals (summed over ranks) as `ep/*` metrics."""
+
+    def __init__(self, expert_to_rank: np.ndarray, ep_rank: int, ranks_per_node: int, group=None):
+        self.expert_to_rank = np.asarray(expert_to_rank, dtype=np.int64)
+        self.ep_rank = ep_rank
+        self.ranks_per_node = ranks_per_node
+        self.group = group
+        self.totals = dict.fromkeys(FIELDS, 0)
+
+    def before_forward(self, trainer, batch) -> None:
+        if not trainer.ddp.training:  # evaluation traffic is not training traffic
+            return
+        indices_TK, _ = trainer.routing_context.local(batch.tokens_BS.numel())
+        counts = token_traffic(indices_TK.cpu().numpy(), self.expert_to_rank, self.ep_rank, self.ranks_per_node)
+        for name, value in counts.items():
+            self.totals[name] += value
+
+    def after_forward(self, trainer, batch) -> None:
+        pass
+
+    def step_metrics(self, trainer) -> dict:
+        summed = torch.tensor([self.totals[name] for name in FIELDS], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(summed, group=self.group)
+        self.totals = dict.fromkeys(FIELDS, 0)
+        return {f"ep/{name}": int(value) for name, value in zip(FIELDS, summed.tolist())}

@@ -1,0 +1,175 @@
+"""mg-plan-ep on a real routing cache, and mg-train applying the plan (real megatron, gloo)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TESTS / "routing"))
+sys.path.insert(0, str(TESTS / "offline"))
+from distill_runs import compose_tool  # noqa: E402
+from grouter_fixtures import NUM_EXPERTS, TOPK, random_grouter, small_corpus  # noqa: E402
+from train_runs import read_metrics, torchrun, train_in_process  # noqa: E402
+
+from megatron_grouter.errors import UserError  # noqa: E402
+from megatron_grouter.offline.plan_ep import plan_ep  # noqa: E402
+from megatron_grouter.offline.predispatch import predispatch  # noqa: E402
+from megatron_grouter.placement.plan import Plan  # noqa: E402
+from megatron_grouter.placement.schedule import PlannedSchedule  # noqa: E402
+
+STEPS, GLOBAL_BATCH, SEQ = 6, 8, 64
+MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
+         f"model.num_experts={NUM_EXPERTS}", "model.moe_ffn_hidden_size=64", f"model.topk={TOPK}",
+         f"train.seq_length={SEQ}", "train.micro_batch_size=4", f"train.global_batch_size={GLOBAL_BATCH}"]
+
+
+@pytest.fixture(scope="module")
+def setup(stdlib_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    data = small_corpus(stdlib_data, root / "corpus", documents=40)
+    grouter = random_grouter(data["tokenizer"], root / "grouter")
+    cache = root / "cache"
+    predispatch(compose_tool("predispatch", [f"grouter={grouter}", f"data.prefix={data['prefix']}",
+                                             f"data.tokenizer={data['tokenizer']}", f"cache={cache}"]))
+    setup = {"data": data, "grouter": grouter, "cache": cache, "root": root}
+    setup["summary"] = plan_ep(plan_config(setup, root / "plan.npz"))
+    return setup
+
+
+def plan_config(setup, out, extra=()):
+    data = setup["data"]
+    return compose_tool("plan_ep", [f"grouter={setup['grouter']}", f"cache={setup['cache']}",
+                                    f"data.prefix={data['prefix']}", f"data.tokenizer={data['tokenizer']}",
+                                    f"data.out_dir={data['out_dir']}", f"train.seq_length={SEQ}",
+                                    f"train.global_batch_size={GLOBAL_BATCH}", f"train.steps={STEPS}",
+                                    "ep_size=2", "ranks_per_node=1", "search_samples=256", "progress=false",
+                                    f"out={out}", *extra])
+
+
+def train_overrides(setup, out_dir, plan=None, extra=()):
+    data = setup["data"]
+    return [f"data.prefix={data['prefix']}", f"data.tokenizer={data['tokenizer']}", f"data.out_dir={data['out_dir']}",
+            *MODEL, "router=grouter_fixed", f"router.grouter.path={setup['grouter']}", "router.grouter.source=cached",
+            f"router.grouter.cache={setup['cache']}", f"train.steps={STEPS}", "train.warmup_steps=2",
+            "train.eval_interval=0", "train.save_interval=-1", f"train.out_dir={out_dir}",
+            "parallel.ranks_per_node=1", *([f"router.grouter.plan={plan}"] if plan else []), *extra]
+
+
+def test_plan_tool_reports_volumes_and_saves_fingerprints(setup):
+    summary, plan = setup["summary"], Plan.load(setup["root"] / "plan.npz")
+    assert plan.ep_size == 2 and plan.num_experts == NUM_EXPERTS and plan.global_batch == GLOBAL_BATCH
+    assert plan.placement_QRM.shape[0] == summary["batches"] >= STEPS
+    assert len(plan.routing_cache_fingerprint) == 64 and len(plan.training["sample_order"]) == 64
+    assert summary["ratios"]["dedup_sends_rank"] <= 1.0
+    assert summary["planned"]["dedup_sends_rank"] >= summary["bound_ratio"] * summary["default"]["dedup_sends_rank"] - 1e-6
+
+
+def test_schedule_keeps_global_batches_and_is_deterministic(setup, tmp_path):
+    plan = Plan.load(setup["root"] / "plan.npz")
+    again = Plan.load(Path(plan_ep(plan_config(setup, tmp_path / "again.npz"))["plan"]))
+    np.testing.assert_array_equal(plan.placement_QRM, again.placement_QRM)  # deterministic for a seed
+    np.testing.assert_array_equal(plan.slot_to_expert, again.slot_to_expert)
+    num_batches = plan.placement_QRM.shape[0]
+    for dp_size in (2, 4):
+        schedule = PlannedSchedule(plan, dp_size)
+        seen = []
+        for step in range(num_batches):
+            ranks = [schedule.rank_sample_ids(step, r) for r in range(dp_size)]
+            assert all(len(ids) == GLOBAL_BATCH // dp_size for ids in ranks)
+            batch = sorted(i for ids in ranks for i in ids)
+            assert batch == list(range(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH))  # default's set
+            seen += batch
+        assert sorted(seen) == list(range(num_batches * GLOBAL_BATCH))  # every sample once per epoch
+        # resumable: a fresh schedule answers from the step alone, and the next epoch repeats
+        fresh = PlannedSchedule(plan, dp_size)
+        assert fresh.rank_sample_ids(3, 1) == schedule.rank_sample_ids(3, 1) == schedule.rank_sample_ids(
+            3 + num_batches, 1)
+    # EP rank r's samples are the plan's; DP=4 splits them over the two replicas of each EP rank
+    assert PlannedSchedule(plan, 2).rank_sample_ids(2, 1) == plan.placement_QRM[2, 1].tolist()
+    four = PlannedSchedule(plan, 4)
+    assert four.rank_sample_ids(2, 1) + four.rank_sample_ids(2, 3) == plan.placement_QRM[2, 1].tolist()
+    with pytest.raises(UserError, match="cannot feed"):
+        PlannedSchedule(plan, 3)
+    shuffled = Plan(**{**vars(plan), "placement_QRM": plan.placement_QRM[::-1].copy()})
+    with pytest.raises(UserError, match="not mg-train's"):
+        PlannedSchedule(shuffled, 2)
+
+
+def expected_traffic(setup, plan: Plan | None, num_batches: int):
+    """Per-step dispatch volumes of the plan (or default layout) straight from the cache rows."""
+    from megatron_grouter.data.routing_cache import open_cache
+    from megatron_grouter.offline.plan_ep import _training_dataset
+    from megatron_grouter.placement.layout import contiguous_expert_to_rank
+    from megatron_grouter.placement.training_samples import training_topk
+    from megatron_grouter.placement.volumes import compute_volumes
+
+    config = plan_config(setup, "unused")
+    topk_SLK = training_topk(_training_dataset(config), open_cache(setup["cache"], setup["data"]["prefix"]),
+                             num_batches * GLOBAL_BATCH, progress=False)
+    expert_to_rank = plan.expert_to_rank() if plan else contiguous_expert_to_rank(NUM_EXPERTS, 2)
+    volumes = []
+    for step in range(num_batches):
+        rank_S = np.full(topk_SLK.shape[0], -1)
+        if plan:
+            for rank in range(2):
+                rank_S[plan.placement_QRM[step, rank]] = rank
+        else:
+            rank_S[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH] = np.arange(GLOBAL_BATCH) // (GLOBAL_BATCH // 2)
+        volumes.append(compute_volumes(topk_SLK, expert_to_rank, rank_S, 2, 1))
+    return volumes
+
+
+def test_ep2_training_with_plan_matches_unplanned_loss_and_follows_the_plan(setup, tmp_path):
+    """The judged path: a plan from mg-plan-ep on a real cache, then EP=2 with the planned
+    all-to-all dispatcher (each micro-batch's plan verified against every layer's routing),
+    against megatron's allgather dispatcher in the default layout."""
+    plan_path = setup["root"] / "plan.npz"
+    plan = Plan.load(plan_path)
+    assert not np.array_equal(plan.slot_to_expert, np.arange(NUM_EXPERTS))  # a real permutation
+    torchrun(2, train_overrides(setup, tmp_path / "default", extra=["parallel=ep2"]))
+    torchrun(2, train_overrides(setup, tmp_path / "planned", plan=plan_path,
+                                extra=["parallel=ep2_planned", "parallel.verify_dispatch_plan=true"]))
+    default = [r for r in read_metrics(tmp_path / "default") if "loss" in r]
+    planned = [r for r in read_metrics(tmp_path / "planned") if "loss" in r]
+    assert len(default) == len(planned) == STEPS
+    # same global batch and the same expert weights per Grouter expert: only summation order differs
+    assert planned[0]["loss"] == pytest.approx(default[0]["loss"], rel=1e-6)
+    for records, layout in ((default, None), (planned, plan)):
+        for record, volumes in zip(records, expected_traffic(setup, layout, STEPS)):
+            assert record["ep/tokens"] == volumes.tokens
+            assert record["ep/pairs_leaving_rank"] == volumes.pairs_leaving_rank
+            assert record["ep/sends_rank"] == volumes.dedup_sends_rank
+            assert record["ep/sends_node"] == volumes.dedup_sends_node
+    assert sum(r["ep/sends_rank"] for r in planned) < sum(r["ep/sends_rank"] for r in default)
+
+
+def test_mismatched_plan_is_refused(setup, tmp_path):
+    plan = Plan.load(setup["root"] / "plan.npz")
+    # one process (EP=1) is enough to check refusals: an EP=1 copy of the plan fits but for the flaw
+    single = {**vars(plan), "ep_size": 1, "placement_QRM": plan.placement_QRM.reshape(len(plan.placement_QRM), 1, -1)}
+    cases = [(setup["root"] / "plan.npz", [], "is for EP 2 but parallel.expert=1"),
+             (Plan(**{**single, "routing_cache_fingerprint": "0" * 64}), [], "rerun the planner"),
+             (Plan(**{**single, "training": {"sample_order": "x"}}), [], "another sample order"),
+             (Plan(**single), ["train.global_batch_size=16"], "global batch 8"),
+             (Plan(**single), ["train.steps=100000"], "covers"),
+             (Plan(**single), ["router=grouter_hybrid", "model.topk=1"], "top-2")]
+    for number, (plan_or_path, extra, message) in enumerate(cases):
+        path = plan_or_path if isinstance(plan_or_path, Path) else plan_or_path.save(tmp_path / f"{number}.npz")
+        with pytest.raises(UserError, match=message) as caught:
+            train_in_process(train_overrides(setup, tmp_path / "run", plan=path, extra=extra))
+        assert "\n" not in str(caught.value)
+    train_in_process(train_overrides(setup, tmp_path / "fits", plan=Plan(**single).save(tmp_path / "ok.npz"),
+                                     extra=["train.steps=1"]))
+
+
+def test_plan_tool_refuses_bad_input_in_one_line(setup, stdlib_data, tmp_path):
+    cases = [(["ep_size=3"], "cannot be split evenly"),
+             ([f"cache={tmp_path / 'none'}"], "no routing cache"),
+             ([f"data.prefix={stdlib_data['prefix']}", f"data.out_dir={tmp_path}"], "another dataset"),
+             (["train.global_batch_size=7"], "not divisible by 2")]
+    for extra, message in cases:
+        with pytest.raises(UserError, match=message) as caught:
+            plan_ep(plan_config(setup, tmp_path / "p.npz", extra))
+        assert "\n" not in str(caught.value)
