@@ -199,11 +199,11 @@ class Distiller:
                 bar.set_postfix(kl=f"{loss:.4f}", tok_s=f"{rate:.0f}")
                 record({"step": self.step, "kl": loss, "tokens": self.tokens_seen, "tokens_per_s": rate})
                 started, window_tokens = time.perf_counter(), 0
-            if self.step % train.eval_interval == 0 or self.step == train.steps:
+            if (train.eval_interval > 0 and self.step % train.eval_interval == 0) or self.step == train.steps:
                 last_eval = self.evaluate()
                 record({"step": self.step, **last_eval})
                 log.info("eval at step %d: %s", self.step, _fmt(last_eval))
-            if self.step % train.save_interval == 0:
+            if train.save_interval > 0 and self.step % train.save_interval == 0:
                 self.save_state()
         bar.close()
         self.save_state()
