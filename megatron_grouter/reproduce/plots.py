@@ -78,7 +78,8 @@ def grad_norm_cv(rows: list[tuple[str, float | None, float | None]], path: Path,
 def routing_stability(stability: dict[str, dict], path: Path) -> Path:
     """Heatmaps: share of probe tokens whose top-k set is unchanged, per layer and checkpoint."""
     names = sorted(stability)
-    figure, axes = plt.subplots(len(names), 1, figsize=(8, 1.3 + 1.2 * len(names)), squeeze=False)
+    figure, axes = plt.subplots(len(names), 1, figsize=(8, 1.5 + 1.4 * len(names)), squeeze=False,
+                                layout="constrained")
     image = None
     for axis, name in zip(axes[:, 0], names):
         record = stability[name]
@@ -95,7 +96,7 @@ def routing_stability(stability: dict[str, dict], path: Path) -> Path:
         figure.colorbar(image, ax=axes[:, 0].tolist(), label="unchanged top-k share", shrink=0.8)
     figure.suptitle("Routing stability of learned routers", fontsize=10)
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(tmp, dpi=110, bbox_inches="tight")
+    figure.savefig(tmp, dpi=110)
     plt.close(figure)
     tmp.replace(path)
     return path

@@ -173,6 +173,12 @@ def render(preset: dict, top: dict, per_seed: dict, rows: dict, summaries: dict,
             if isinstance(summary.get(key), dict):
                 lines.append(f"  - {key}: " + ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}"
                                                         for k, v in summary[key].items()))
+    ratios = summaries.get("plan", {}).get("ratios_to_default")
+    if ratios:
+        lines += ["", f"EP placement plan (EP={summaries['plan']['ep_size']}, {summaries['plan']['samples']} samples of "
+                  "the routing cache), planned ÷ default layout volumes (lower is better): "
+                  + ", ".join(f"{key} {value:.3f}" for key, value in ratios.items() if value is not None)
+                  + ". Volumes only: these CPU runs train with EP=1."]
     if preset.get("notes"):
         lines += ["", "## Notes", "", *[f"- {note}" for note in preset["notes"]]]
     return "\n".join(lines) + "\n"

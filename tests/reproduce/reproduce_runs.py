@@ -36,6 +36,7 @@ def micro_overrides(out_dir: Path, data: dict, routers: list[str], seeds: list[i
         "target.overrides=" + _list([*MICRO_SHAPE, "model.num_experts=4", f"train.steps={target_steps}",
                                      "train.eval_interval=2", "train.save_interval=0"]),
         f"target.routers={_list(routers)}", "target.checkpoint_interval=2", "probe.sequences=2",
+        "plan.enabled=true", "plan.ep_size=2", "plan.samples=64",
         *extra,
     ]
 

@@ -37,6 +37,7 @@ def test_pipeline_writes_the_report_and_figures(micro_experiment):
     assert summary["headline"]["seeds"] == [1, 2] and len(summary["headline"]["ratios"]) == 2
     assert summary["per_seed"]["1"]["best_baseline"] == "aux_loss"
     assert summary["stages"]["fold"]["to_experts"] == 4  # source 8 experts → target 4
+    assert summary["stages"]["plan"]["ratios_to_default"]["dedup_sends_rank"] > 0  # volumes reported
     # Routing stability: the learned run kept checkpoints at steps 2 and 4 → one transition per layer.
     stability = summary["stability"]["target-aux_loss-s1"]
     assert stability["steps"] == [4] and len(stability["unchanged_LT"]) == 2
