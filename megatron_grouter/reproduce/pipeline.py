@@ -18,8 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.reproduce.jobs import check_launcher, run_job
-from megatron_grouter.reproduce.routers import (GROUTER_RUNS, is_baseline, is_learned,
-                                                router_overrides)
+from megatron_grouter.reproduce.routers import GROUTER_RUNS, is_learned, router_overrides
 from megatron_grouter.reproduce.stages import Stage
 
 

@@ -36,7 +36,7 @@ def compare_seed(runs: dict[str, m.RunMetrics]) -> dict:
         if name in GROUTER_RUNS:
             comparisons[name] = {"efficiency": m.data_efficiency(baselines[best], run),
                                  "gap": m.loss_gap(baselines[best], run)}
-    return {"best_baseline": best, "comparisons": comparisons}
+    return {"best_baseline": best, "baselines": sorted(baselines), "comparisons": comparisons}
 
 
 def run_row(run: m.RunMetrics) -> dict:
@@ -113,6 +113,9 @@ def render(preset: dict, top: dict, per_seed: dict, rows: dict, summaries: dict,
     lines.append(f"- Target ≥ {TARGET_RATIO}× on every seed: **{'met' if top['meets_ratio_target'] else 'missed'}**.")
     lines.append(f"- `{HEADLINE}` ahead of the best baseline at every evaluation on every seed: "
                  f"**{'yes' if top['ahead_everywhere_all_seeds'] else 'no'}**.")
+    lines.append("- Baselines compared on each seed: " + "; ".join(
+        f"seed {seed}: {', '.join(record['baselines'])} (best: {record['best_baseline']})"
+        for seed, record in per_seed.items()) + ".")
     if len(top["seeds"]) < 2:
         lines.append("- Only one seed has the headline run: the spread is not measured.")
     lines += ["", "Data efficiency = tokens the best baseline needs to reach its final validation loss ÷ "
