@@ -104,6 +104,9 @@ def render(preset: dict, top: dict, per_seed: dict, rows: dict, summaries: dict,
            figures: dict) -> str:
     lines = [f"# Grouter reproduction — preset `{preset.get('name')}`", ""]
     lines += [f"Written by `mg-reproduce experiment={preset.get('name')}`. {preset.get('note', '')}".strip(), ""]
+    if preset.get("minutes") is not None:
+        lines += [f"This invocation took {preset['minutes']:.1f} minutes of wall time (stages it found finished were "
+                  "skipped; per-stage seconds are listed under Pipeline).", ""]
     lines += ["## Headline", ""]
     ratios = ", ".join(f"seed {seed}: {_fmt(ratio, '{:.2f}×', 'not reached')}"
                        for seed, ratio in zip(top["seeds"], top["ratios"]))
