@@ -218,32 +218,48 @@ class Pipeline:
         self._stage("plan", settings, [cache_stage], work, "stage plan: EP placement volumes (optional)")
 
     def target_stages(self, data_stage: Stage, train_data: list[str], grouters: dict) -> None:
+        """Every router on the first seed; on later seeds every router not in first_seed_only,
+        plus the first seed's best baseline (so each seed's headline has the strongest rival)."""
+        from megatron_grouter.reproduce.metrics import best_run, read_run
+        from megatron_grouter.reproduce.routers import is_baseline
+
         routers = self._list("target.routers")
         seeds = [int(seed) for seed in self.cfg.seeds]
         if not routers or not seeds:
             raise UserError("target.routers and seeds must both be non-empty lists")
         first_only = set(self._list("first_seed_only"))
-        shared = [*train_data, *self._list("target.overrides")]
-        planned = [(router, seed) for seed in seeds for router in routers
-                   if seed == seeds[0] or router not in first_only]
-        interval = int(self.cfg.target.checkpoint_interval)
-        for number, (router, seed) in enumerate(planned, 1):
-            upstream = [data_stage]
-            if router in GROUTER_RUNS:
-                upstream = [grouters["raw"][0] if router == "grouter_raw" else grouters["tuned"][0]]
-            args = [*shared, *router_overrides(router, grouters["raw"][1], grouters["tuned"][1],
-                                               grouters["cache"]), f"train.seed={seed}"]
-            if interval > 0 and seed == seeds[0] and is_learned(router):
-                args.append(f"train.save_interval={interval}")
-            run = TargetRun(router, seed, self.out_dir / "stages" / f"target-{router}-s{seed}")
+        for number, router in enumerate(routers, 1):
+            self.target_run(router, seeds[0], f"seed {seeds[0]}, run {number}/{len(routers)}",
+                            data_stage, train_data, grouters)
+        baselines = {run.router: read_run(run.directory) for run in self.results.runs
+                     if is_baseline(run.router)}
+        best = best_run(baselines) if baselines else None
+        later = [router for router in routers if router not in first_only or router == best]
+        for seed in seeds[1:]:
+            for number, router in enumerate(later, 1):
+                self.target_run(router, seed, f"seed {seed}, run {number}/{len(later)}",
+                                data_stage, train_data, grouters)
 
-            def work(stage: Stage, args=args, run=run) -> dict:
-                self._job("train", [*args, f"train.out_dir={stage.directory}"], stage, run.name)
-                return {"run": str(stage.directory)}
-            stage, _ = self._stage(f"target-{router}-s{seed}", {"args": args}, upstream, work,
-                                   f"stage target run {number}/{len(planned)}: {router}, seed {seed}")
-            run.key = stage.key
-            self.results.runs.append(run)
+    def target_run(self, router: str, seed: int, position: str, data_stage: Stage,
+                   train_data: list[str], grouters: dict) -> None:
+        upstream = [data_stage]
+        if router in GROUTER_RUNS:
+            upstream = [grouters["raw"][0] if router == "grouter_raw" else grouters["tuned"][0]]
+        args = [*train_data, *self._list("target.overrides"),
+                *router_overrides(router, grouters["raw"][1], grouters["tuned"][1], grouters["cache"]),
+                f"train.seed={seed}"]
+        interval = int(self.cfg.target.checkpoint_interval)
+        if interval > 0 and seed == int(self.cfg.seeds[0]) and is_learned(router):
+            args.append(f"train.save_interval={interval}")
+        run = TargetRun(router, seed, self.out_dir / "stages" / f"target-{router}-s{seed}")
+
+        def work(stage: Stage) -> dict:
+            self._job("train", [*args, f"train.out_dir={stage.directory}"], stage, run.name)
+            return {"run": str(stage.directory)}
+        stage, _ = self._stage(f"target-{router}-s{seed}", {"args": args}, upstream, work,
+                               f"stage target run ({position}): {router}")
+        run.key = stage.key
+        self.results.runs.append(run)
 
     def stability_stage(self, prefix: str) -> None:
         seed = int(self.cfg.seeds[0])
