@@ -12,6 +12,7 @@ CONSOLE_SCRIPTS = [
     "mg-fold=megatron_grouter.offline.convert_cli:fold_main",
     "mg-expand=megatron_grouter.offline.convert_cli:expand_main",
     "mg-tune=megatron_grouter.offline.convert_cli:tune_main",
+    "mg-reproduce=megatron_grouter.reproduce.cli:main",
 ]
 
 setup(

@@ -1,0 +1,56 @@
+"""mg-reproduce: run the pipeline of an `experiment=` preset, then write its report.
+
+    mg-reproduce experiment=quick                 (python -m megatron_grouter.reproduce ...)
+    mg-reproduce experiment=standard seeds=[1,2,3]
+    mg-reproduce --cfg job experiment=paper       print the composed config
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from megatron_grouter.app import CONF_DIR, run_app
+
+
+def reproduce(cfg: DictConfig) -> Path:
+    """Run (or resume) every stage, then write report.md; returns its path."""
+    import torch
+
+    from megatron_grouter.reproduce.pipeline import Pipeline
+    from megatron_grouter.reproduce.report import write_report
+    from megatron_grouter.reproduce.stages import write_json_atomic
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+    torch.set_num_threads(int(cfg.threads))
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "config.json", OmegaConf.to_container(cfg, resolve=True))
+    started = time.perf_counter()
+    print(f"== mg-reproduce experiment={cfg.name} → {out_dir} (launcher {cfg.launcher})", flush=True)
+    results = Pipeline(cfg).run()
+    preset = {"name": cfg.name, "note": cfg.get("note", ""), "notes": list(cfg.get("notes") or []),
+              "seeds": list(cfg.seeds), "first_seed_only": list(cfg.first_seed_only),
+              "minutes": round((time.perf_counter() - started) / 60, 1)}
+    report = write_report(out_dir, {(run.router, run.seed): run.directory for run in results.runs},
+                          results.summaries, results.stability_file, preset)
+    print(f"== done in {preset['minutes']:.1f} min: {report}", flush=True)
+    return report
+
+
+@hydra.main(config_path=str(CONF_DIR / "reproduce"), config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    run_app(reproduce, cfg)
+
+
+def main() -> None:
+    hydra_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""The experiment's stages in order, each cached by fingerprint (see stages.py).
+
+data → source → distill → fold (only when the target's expert count differs) → tune →
+predispatch → plan (optional) → target runs (every router × seed, same data order and token
+budget) → stability probe → report. Progress lines name the stage and the run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from megatron_grouter.errors import UserError
+from megatron_grouter.reproduce.jobs import check_launcher, run_job
+from megatron_grouter.reproduce.routers import GROUTER_RUNS, is_learned, router_overrides
+from megatron_grouter.reproduce.stages import Stage
+
+
+@dataclass
+class TargetRun:
+    """One training of the target model: its router, seed and run directory."""
+
+    router: str
+    seed: int
+    directory: Path
+    key: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.router}-s{self.seed}"
+
+
+@dataclass
+class Results:
+    """What the report needs: the target runs and the stage summaries."""
+
+    out_dir: Path
+    runs: list[TargetRun] = field(default_factory=list)
+    summaries: dict[str, dict] = field(default_factory=dict)
+    stability_file: Path | None = None
+
+
+class Pipeline:
+    def __init__(self, cfg: DictConfig):
+        check_launcher(cfg.launcher)
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+        self.results = Results(self.out_dir)
+        self.started = time.perf_counter()
+
+    # ------------------------------------------------------------------ plumbing
+    def _stage(self, name: str, settings: dict, upstream: list[Stage],
+               work: Callable[[Stage], dict], label: str | None = None) -> tuple[Stage, dict]:
+        stage = Stage(name, self.out_dir / "stages" / name, settings, [item.key for item in upstream])
+        label = label or name
+        done = stage.finished()
+        if done is not None:
+            self._say(f"{label}: cached ({stage.key[:10]}), skipped")
+        else:
+            state = stage.begin()
+            self._say(f"{label}: {'resuming' if state == 'resume' else 'running'} in {stage.directory}"
+                      + (" (settings changed: started over)" if state == "reset" else ""))
+            began = time.perf_counter()
+            done = dict(work(stage), seconds=round(time.perf_counter() - began, 1))
+            stage.finish(done)
+            self._say(f"{label}: finished in {done['seconds']:.0f} s")
+        self.results.summaries[name] = done
+        return stage, done
+
+    def _say(self, text: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        print(f"== [{elapsed / 60:5.1f} min] {text}", flush=True)
+
+    def _job(self, tool: str, args: list[str], stage: Stage, label: str) -> None:
+        run_job(tool, args, label, stage.directory / "log.txt", self.cfg.launcher, self.cfg.threads,
+                int(self.cfg.nproc_per_node))
+
+    def _list(self, key: str) -> list[str]:
+        value = OmegaConf.select(self.cfg, key)
+        return [str(item) for item in (value or [])]
+
+    # ------------------------------------------------------------------ stages
+    def run(self) -> Results:
+        prefix, tokenizer = self.prepare_data()
+        train_data = [f"data.prefix={prefix}", f"data.tokenizer={tokenizer}",
+                      f"data.out_dir={Path(prefix).parent}"]
+        data_stage = Stage("data", self.out_dir, {"prefix": prefix, "tokenizer": tokenizer,
+                                                  "dataset": _dataset_identity(prefix)})
+        source = self.source_stage(data_stage, train_data)
+        distill, distill_summary = self.distill_stage(source, prefix, tokenizer)
+        raw_stage, raw_grouter = self.fold_stage(distill, Path(distill_summary["grouter"]), prefix)
+        tune, tuned_grouter = self.tune_stage(raw_stage, raw_grouter, prefix)
+        cache_stage, cache = self.predispatch_stage(tune, tuned_grouter, prefix, tokenizer)
+        self.plan_stage(cache_stage, cache, prefix)
+        grouters = {"raw": (raw_stage, raw_grouter), "tuned": (cache_stage, tuned_grouter), "cache": cache}
+        self.target_stages(data_stage, train_data, grouters)
+        self.stability_stage(prefix)
+        return self.results
+
+    def prepare_data(self) -> tuple[str, str]:
+        data = self.cfg.data
+        if data.prefix:
+            if not data.tokenizer:
+                raise UserError("data.prefix is set but data.tokenizer is not; give the tokenizer the "
+                                "dataset was made with")
+            return str(data.prefix), str(data.tokenizer)
+        from megatron_grouter.data.default_corpus import prepare_default_corpus
+
+        self._say(f"data: the built-in corpus in {data.out_dir} (prepared once, then reused)")
+        paths = prepare_default_corpus(str(data.out_dir), vocab_size=int(data.vocab_size),
+                                       max_documents=data.max_documents)
+        return str(paths.prefix), str(paths.tokenizer_dir)
+
+    def source_stage(self, data_stage: Stage, train_data: list[str]) -> Stage | None:
+        if self.cfg.source.hf_path:
+            return None
+        args = [*train_data, *self._list("source.overrides")]
+
+        def work(stage: Stage) -> dict:
+            self._job("train", [*args, f"train.out_dir={stage.directory}"], stage, "source")
+            return {"run": str(stage.directory)}
+        stage, _ = self._stage("source", {"args": args}, [data_stage], work,
+                               "stage source: train the source MoE")
+        return stage
+
+    def distill_stage(self, source: Stage | None, prefix: str, tokenizer: str) -> tuple[Stage, dict]:
+        if source is None:
+            kind, path = "hf", str(self.cfg.source.hf_path)
+            if not Path(path).is_dir():
+                raise UserError(f"source.hf_path={path} is not a directory; point it at a local "
+                                "Hugging Face MoE checkpoint or set source.hf_path=null")
+        else:
+            kind, path = "megatron", str(source.directory)
+        args = [f"source.kind={kind}", f"source.path={path}", f"data.prefix={prefix}",
+                f"data.tokenizer={tokenizer}", *self._list("distill.overrides")]
+
+        def work(stage: Stage) -> dict:
+            self._job("distill", [*args, f"out_dir={stage.directory}"], stage, "distill")
+            return {"grouter": str(stage.directory / "grouter"), **_last_distill_eval(stage.directory)}
+        return self._stage("distill", {"args": args}, [source] if source else [], work,
+                           "stage distill: a Grouter from the source's first MoE layer")
+
+    def fold_stage(self, distill: Stage, grouter: Path, prefix: str) -> tuple[Stage, Path]:
+        from megatron_grouter.grouter.checkpoint import read_grouter_header
+
+        header = read_grouter_header(grouter)
+        target = compose_target(self._list("target.overrides"))
+        if header["architecture"]["topk"] != target.model.topk:
+            raise UserError(f"the Grouter routes top-{header['architecture']['topk']} but the target "
+                            f"model uses top-{target.model.topk}; make the source and target top-k equal")
+        source_experts, target_experts = int(header["num_experts"]), target.model.num_experts
+        if source_experts == target_experts:
+            self._say(f"stage fold: skipped (source and target both have {target_experts} experts)")
+            self.results.summaries["fold"] = {"skipped": f"same expert count ({target_experts})"}
+            return distill, grouter
+        fold = self.cfg.fold
+        settings = {"num_experts": target_experts, "strategy": fold.strategy,
+                    "affinity_tokens": fold.affinity_tokens, "prefix": prefix}
+
+        def work(stage: Stage) -> dict:
+            affinity = stage.directory / "affinity"
+            self._job("affinity", [f"grouter={grouter}", f"data.prefix={prefix}",
+                                   f"max_tokens={fold.affinity_tokens}", f"out={affinity}"],
+                      stage, "fold/affinity")
+            self._job("fold", [f"grouter={grouter}", f"affinity={affinity}",
+                               f"num_experts={target_experts}", f"strategy={fold.strategy}",
+                               f"out={stage.directory / 'grouter'}"], stage, "fold")
+            return {"grouter": str(stage.directory / "grouter"), "from_experts": source_experts,
+                    "to_experts": target_experts}
+        stage, summary = self._stage("fold", settings, [distill], work,
+                                     f"stage fold: {source_experts} → {target_experts} experts")
+        return stage, Path(summary["grouter"])
+
+    def tune_stage(self, upstream: Stage, grouter: Path, prefix: str) -> tuple[Stage, Path]:
+        args = [f"grouter={grouter}", f"data.prefix={prefix}", *self._list("tune.overrides")]
+
+        def work(stage: Stage) -> dict:
+            self._job("tune", [*args, f"out={stage.directory / 'grouter'}"], stage, "tune")
+            return {"grouter": str(stage.directory / "grouter"), **_tune_record(stage.directory / "grouter")}
+        stage, summary = self._stage("tune", {"args": args}, [upstream], work,
+                                     "stage tune: rebalance the Grouter on the target data")
+        return stage, Path(summary["grouter"])
+
+    def predispatch_stage(self, tune: Stage, grouter: Path, prefix: str,
+                          tokenizer: str) -> tuple[Stage, Path]:
+        args = [f"grouter={grouter}", f"data.prefix={prefix}", f"data.tokenizer={tokenizer}"]
+
+        def work(stage: Stage) -> dict:
+            self._job("predispatch", [*args, f"cache={stage.directory / 'cache'}"], stage, "predispatch")
+            return {"cache": str(stage.directory / "cache")}
+        stage, summary = self._stage("predispatch", {"args": args}, [tune], work,
+                                     "stage predispatch: route the target corpus once")
+        return stage, Path(summary["cache"])
+
+    def plan_stage(self, cache_stage: Stage, cache: Path, prefix: str) -> None:
+        from megatron_grouter.reproduce.plan_step import plan_volumes, planner_available
+
+        plan = self.cfg.plan
+        if not plan.enabled:
+            self.results.summaries["plan"] = {"skipped": "plan.enabled=false"}
+            return
+        if not planner_available():
+            self._say("stage plan: skipped (the EP planner is not importable here)")
+            self.results.summaries["plan"] = {"skipped": "planner not importable"}
+            return
+        target = compose_target(self._list("target.overrides"))
+        settings = {"ep_size": plan.ep_size, "samples": plan.samples,
+                    "seq_length": target.train.seq_length, "global_batch": target.train.global_batch_size}
+
+        def work(stage: Stage) -> dict:
+            return plan_volumes(cache, prefix, target.model.num_experts, stage.directory, **settings)
+        self._stage("plan", settings, [cache_stage], work, "stage plan: EP placement volumes (optional)")
+
+    def target_stages(self, data_stage: Stage, train_data: list[str], grouters: dict) -> None:
+        """Every router on the first seed; on later seeds every router not in first_seed_only,
+        plus the first seed's best baseline (so each seed's headline has the strongest rival)."""
+        from megatron_grouter.reproduce.metrics import best_run, read_run
+        from megatron_grouter.reproduce.routers import is_baseline
+
+        routers = self._list("target.routers")
+        seeds = [int(seed) for seed in self.cfg.seeds]
+        if not routers or not seeds:
+            raise UserError("target.routers and seeds must both be non-empty lists")
+        first_only = set(self._list("first_seed_only"))
+        for number, router in enumerate(routers, 1):
+            self.target_run(router, seeds[0], f"seed {seeds[0]}, run {number}/{len(routers)}",
+                            data_stage, train_data, grouters)
+        baselines = {run.router: read_run(run.directory) for run in self.results.runs
+                     if is_baseline(run.router)}
+        best = best_run(baselines) if baselines else None
+        later = [router for router in routers if router not in first_only or router == best]
+        for seed in seeds[1:]:
+            for number, router in enumerate(later, 1):
+                self.target_run(router, seed, f"seed {seed}, run {number}/{len(later)}",
+                                data_stage, train_data, grouters)
+
+    def target_run(self, router: str, seed: int, position: str, data_stage: Stage,
+                   train_data: list[str], grouters: dict) -> None:
+        upstream = [data_stage]
+        if router in GROUTER_RUNS:
+            upstream = [grouters["raw"][0] if router == "grouter_raw" else grouters["tuned"][0]]
+        args = [*train_data, *self._list("target.overrides"),
+                *router_overrides(router, grouters["raw"][1], grouters["tuned"][1], grouters["cache"]),
+                f"train.seed={seed}"]
+        interval = int(self.cfg.target.checkpoint_interval)
+        if interval > 0 and seed == int(self.cfg.seeds[0]) and is_learned(router):
+            args.append(f"train.save_interval={interval}")
+        run = TargetRun(router, seed, self.out_dir / "stages" / f"target-{router}-s{seed}")
+
+        def work(stage: Stage) -> dict:
+            self._job("train", [*args, f"train.out_dir={stage.directory}"], stage, run.name)
+            return {"run": str(stage.directory)}
+        stage, _ = self._stage(f"target-{router}-s{seed}", {"args": args}, upstream, work,
+                               f"stage target run ({position}): {router}")
+        run.key = stage.key
+        self.results.runs.append(run)
+
+    def stability_stage(self, prefix: str) -> None:
+        seed = int(self.cfg.seeds[0])
+        runs = [run for run in self.results.runs if run.seed == seed and is_learned(run.router)]
+        if int(self.cfg.target.checkpoint_interval) <= 0 or not runs:
+            self.results.summaries["stability"] = {"skipped": "no learned-router run keeps checkpoints"}
+            return
+        settings = {"runs": [run.name for run in runs], "sequences": int(self.cfg.probe.sequences),
+                    "prefix": prefix}
+        upstream_keys = [run.key for run in runs]
+
+        def work(stage: Stage) -> dict:
+            out = stage.directory / "stability.json"
+            args = [arg for run in runs for arg in ("--run", str(run.directory))]
+            self._job("probe", [*args, "--prefix", prefix, "--sequences", str(self.cfg.probe.sequences),
+                                "--out", str(out)], stage, "probe")
+            if not self.cfg.probe.keep_checkpoints:
+                for run in runs:
+                    prune_checkpoints(run.directory)
+            return {"file": str(out)}
+        _, summary = self._stage("stability", {**settings, "runs_keys": upstream_keys}, [], work,
+                                 "stage stability: route a probe batch with every checkpoint")
+        self.results.stability_file = Path(summary["file"])
+
+
+def compose_target(overrides: list[str]):
+    """The target run's mg-train config (to read its expert count, top-k, batch shape)."""
+    from megatron_grouter.reproduce.jobs import compose_config
+    from megatron_grouter.training.config import to_train_config
+
+    return to_train_config(compose_config(".", "config", overrides))
+
+
+def prune_checkpoints(run_dir: Path) -> None:
+    """Keep only a run's newest complete checkpoint (enough to resume or extend it)."""
+    from megatron_grouter.training.checkpoint import find_latest
+
+    root = run_dir / "checkpoints"
+    latest = find_latest(root)
+    for path in root.glob("step_*"):
+        if path != latest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _dataset_identity(prefix: str) -> dict:
+    """Size and modification time of the dataset's files: changes when the corpus does."""
+    identity = {}
+    for suffix in (".bin", ".idx"):
+        path = Path(prefix + suffix)
+        if not path.is_file():
+            raise UserError(f"dataset {prefix} has no {suffix} file; preprocess it with mg-preprocess "
+                            "or set data.prefix=null for the built-in corpus")
+        identity[suffix] = [path.stat().st_size, int(path.stat().st_mtime)]
+    return identity
+
+
+def _last_distill_eval(directory: Path) -> dict:
+    path = directory / "distill_metrics.jsonl"
+    evals = [json.loads(line) for line in path.read_text().splitlines()
+             if line.strip() and "eval_topk_overlap" in line] if path.is_file() else []
+    if not evals:
+        return {}
+    last = evals[-1]
+    return {key: last[key] for key in ("eval_kl", "eval_topk_overlap", "eval_exact_match", "step")
+            if key in last}
+
+
+def _tune_record(grouter: Path) -> dict:
+    from megatron_grouter.grouter.checkpoint import read_grouter_header
+
+    history = read_grouter_header(grouter).get("provenance", {}).get("history", [])
+    record = history[-1] if history else {}
+    return {key: record[key] for key in ("before", "after", "tokens", "stopped_by") if key in record}

@@ -1,0 +1,190 @@
+"""report.md (+ summary.json and PNG figures) from the target runs' metrics files.
+
+Per seed, the best baseline is the baseline run with the lowest final validation loss; every
+Grouter run is compared with it (data efficiency, loss gap at equal tokens). The headline is the
+tuned Grouter's data efficiency over the seeds, with its spread, and whether it was ahead of the
+best baseline at every evaluation on every seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from megatron_grouter.reproduce import metrics as m
+from megatron_grouter.reproduce import plots
+from megatron_grouter.reproduce.routers import GROUTER_RUNS, is_baseline
+from megatron_grouter.reproduce.stages import write_json_atomic
+
+CV_WINDOWS = (50, 500)
+HEADLINE = "grouter_tuned"
+TARGET_RATIO = 1.5
+
+
+def _fmt(value, pattern: str = "{:.3f}", missing: str = "n/a") -> str:
+    return missing if value is None else pattern.format(value)
+
+
+def compare_seed(runs: dict[str, m.RunMetrics]) -> dict:
+    """Best baseline of one seed and every Grouter run's comparison with it."""
+    baselines = {name: run for name, run in runs.items() if is_baseline(name)}
+    best = m.best_run(baselines)
+    comparisons = {}
+    for name, run in runs.items():
+        if name in GROUTER_RUNS:
+            comparisons[name] = {"efficiency": m.data_efficiency(baselines[best], run),
+                                 "gap": m.loss_gap(baselines[best], run)}
+    return {"best_baseline": best, "baselines": sorted(baselines), "comparisons": comparisons}
+
+
+def run_row(run: m.RunMetrics) -> dict:
+    return {"final_val_loss": float(run.val_loss[-1]), "tokens": float(run.tokens[-1]),
+            "max_vio": m.max_vio(run), "tokens_per_s": m.throughput(run),
+            **{f"grad_norm_cv_{window}": m.grad_norm_cv(run, window) for window in CV_WINDOWS},
+            "steps": len(run.steps)}
+
+
+def headline(per_seed: dict[int, dict]) -> dict:
+    ratios, ahead, missing = [], [], []
+    for seed, record in per_seed.items():
+        comparison = record["comparisons"].get(HEADLINE)
+        if comparison is None:
+            missing.append(seed)
+            continue
+        ratios.append(comparison["efficiency"]["ratio"])
+        ahead.append(comparison["gap"]["ahead_everywhere"])
+    reached = [ratio for ratio in ratios if ratio is not None]
+    return {"seeds": [seed for seed in per_seed if seed not in missing], "ratios": ratios,
+            "mean": float(np.mean(reached)) if reached else None,
+            "min": min(reached) if reached else None, "max": max(reached) if reached else None,
+            "std": float(np.std(reached, ddof=1)) if len(reached) > 1 else None,
+            "all_reached": bool(ratios) and len(reached) == len(ratios),
+            "ahead_everywhere_all_seeds": bool(ahead) and all(ahead),
+            "meets_ratio_target": bool(reached) and len(reached) == len(ratios)
+            and min(reached) >= TARGET_RATIO}
+
+
+def write_report(out_dir: Path, runs: dict[tuple[str, int], Path], summaries: dict,
+                 stability_file: Path | None, preset: dict) -> Path:
+    """Read every run's metrics, draw the figures, write report.md and summary.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = {key: m.read_run(path, key[0]) for key, path in runs.items()}
+    loaded = {key: run for key, run in loaded.items() if len(run.evals)}
+    seeds = sorted({seed for _, seed in loaded})
+    per_seed = {seed: compare_seed({router: run for (router, s), run in loaded.items() if s == seed})
+                for seed in seeds}
+    rows = {f"{router}-s{seed}": run_row(run) for (router, seed), run in sorted(loaded.items())}
+    top = headline(per_seed)
+    stability = json.loads(stability_file.read_text()) if stability_file and stability_file.is_file() else {}
+
+    figures = {"loss_curves": plots.loss_curves(loaded, out_dir / "loss_curves.png"),
+               "maxvio_vs_loss": plots.maxvio_vs_loss(
+                   [(name, row["max_vio"], row["final_val_loss"]) for name, row in rows.items()
+                    if row["max_vio"] is not None], out_dir / "maxvio_vs_loss.png"),
+               "grad_norm_cv": plots.grad_norm_cv(
+                   [(name, row["grad_norm_cv_50"], row["grad_norm_cv_500"]) for name, row in rows.items()],
+                   out_dir / "grad_norm_cv.png", CV_WINDOWS)}
+    if stability:
+        figures["routing_stability"] = plots.routing_stability(stability, out_dir / "routing_stability.png")
+
+    summary = {"preset": preset, "headline": top, "runs": rows, "per_seed": per_seed,
+               "stages": summaries, "stability": stability}
+    write_json_atomic(out_dir / "summary.json", summary)
+    text = render(preset, top, per_seed, rows, summaries, stability, figures)
+    tmp = out_dir / ".report.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(out_dir / "report.md")
+    return out_dir / "report.md"
+
+
+def render(preset: dict, top: dict, per_seed: dict, rows: dict, summaries: dict, stability: dict,
+           figures: dict) -> str:
+    lines = [f"# Grouter reproduction — preset `{preset.get('name')}`", ""]
+    lines += [f"Written by `mg-reproduce experiment={preset.get('name')}`. {preset.get('note', '')}".strip(), ""]
+    if preset.get("minutes") is not None:
+        lines += [f"This invocation took {preset['minutes']:.1f} minutes of wall time (stages it found finished were "
+                  "skipped; per-stage seconds are listed under Pipeline).", ""]
+    lines += ["## Headline", ""]
+    ratios = ", ".join(f"seed {seed}: {_fmt(ratio, '{:.2f}×', 'not reached')}"
+                       for seed, ratio in zip(top["seeds"], top["ratios"]))
+    lines.append(f"- Data efficiency of `{HEADLINE}` against the best baseline of each seed: {ratios or 'n/a'}"
+                 + (f"; mean {top['mean']:.2f}× (min {top['min']:.2f}×, max {top['max']:.2f}×"
+                    + (f", std {top['std']:.2f}" if top["std"] is not None else "") + ")" if top["mean"] else ""))
+    lines.append(f"- Target ≥ {TARGET_RATIO}× on every seed: **{'met' if top['meets_ratio_target'] else 'missed'}**.")
+    lines.append(f"- `{HEADLINE}` ahead of the best baseline at every evaluation on every seed: "
+                 f"**{'yes' if top['ahead_everywhere_all_seeds'] else 'no'}**.")
+    lines.append("- Baselines compared on each seed: " + "; ".join(
+        f"seed {seed}: {', '.join(record['baselines'])} (best: {record['best_baseline']})"
+        for seed, record in per_seed.items()) + ".")
+    if len(top["seeds"]) < 2:
+        lines.append("- Only one seed has the headline run: the spread is not measured.")
+    lines += ["", "Data efficiency = tokens the best baseline needs to reach its final validation loss ÷ "
+              "tokens the Grouter run needs to reach that loss (linear interpolation between evaluations; "
+              "'not reached' when it never does). Loss gap = Grouter − best baseline validation loss at the "
+              "same token count (negative = Grouter ahead).", ""]
+
+    lines += ["## Comparison with the best baseline, per seed", "",
+              "| seed | best baseline (final loss) | Grouter run | final loss | gap at end | "
+              "ahead at every eval | tokens to baseline's final loss | data efficiency |",
+              "|---|---|---|---|---|---|---|---|"]
+    for seed, record in per_seed.items():
+        best = record["best_baseline"]
+        best_loss = rows[f"{best}-s{seed}"]["final_val_loss"]
+        for name, comparison in sorted(record["comparisons"].items()):
+            eff, gap = comparison["efficiency"], comparison["gap"]
+            lines.append(f"| {seed} | {best} ({best_loss:.4f}) | {name} | {rows[f'{name}-s{seed}']['final_val_loss']:.4f} | "
+                         f"{_fmt(gap['final'], '{:+.4f}')} | {'yes' if gap['ahead_everywhere'] else 'no'} | "
+                         f"{_fmt(eff['candidate_tokens'], '{:,.0f}', 'not reached')} vs {eff['baseline_tokens']:,.0f} | "
+                         f"{_fmt(eff['ratio'], '{:.2f}×', 'not reached')} |")
+
+    lines += ["", "## Every run", "",
+              "| run | steps | tokens | final val loss | MaxVioGlobal | grad-norm CV (50) | grad-norm CV (500) | tokens/s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {row['steps']} | {row['tokens']:,.0f} | {row['final_val_loss']:.4f} | "
+                     f"{_fmt(row['max_vio'])} | {_fmt(row['grad_norm_cv_50'])} | {_fmt(row['grad_norm_cv_500'])} | "
+                     f"{_fmt(row['tokens_per_s'], '{:,.0f}')} |")
+    lines += ["", "MaxVioGlobal: (max expert load − mean) / mean over each step's global batch, averaged over "
+              "MoE layers and over the last half of training. Grad-norm CV: std/mean of the gradient norm in "
+              "every sliding window of 50 (500) steps, averaged; n/a when the run is shorter than the window. "
+              "tokens/s: median over steps, measured on this machine (shared CPUs inflate wall time).", ""]
+
+    if stability:
+        lines += ["## Routing stability of learned routers (first seed)", "",
+                  "| run | transitions | mean unchanged share | per layer (mean over checkpoints) |", "|---|---|---|---|"]
+        for name, record in sorted(stability.items()):
+            grid = np.asarray(record["unchanged_LT"], dtype=np.float64)
+            per_layer = ", ".join(f"{value:.3f}" for value in grid.mean(axis=1))
+            lines.append(f"| {name} | {grid.shape[1]} | {grid.mean():.3f} | {per_layer} |")
+        lines += ["", "Share of probe tokens whose exact top-k expert set is unchanged between consecutive "
+                  "checkpoints. The Grouter runs' expert choices are fixed: 1.000 by construction.", ""]
+    else:
+        lines += ["## Routing stability", "", "Not measured: no learned-router run kept checkpoints "
+                  "(target.checkpoint_interval=0).", ""]
+
+    lines += ["## Figures", ""]
+    titles = {"loss_curves": "Validation loss against tokens", "maxvio_vs_loss": "MaxVioGlobal against final loss (paper Fig. 4b)",
+              "grad_norm_cv": "Gradient-norm CV", "routing_stability": "Routing stability (paper Fig. 1a)"}
+    for key, path in figures.items():
+        lines.append(f"![{titles[key]}]({Path(path).name})")
+    lines += ["", "## Pipeline", ""]
+    for name, summary in summaries.items():
+        shown = {key: value for key, value in summary.items() if not isinstance(value, (dict, list))}
+        lines.append(f"- **{name}**: " + ", ".join(f"{key}={_fmt(value, '{:.4g}') if isinstance(value, float) else value}"
+                                                  for key, value in shown.items()))
+        for key in ("before", "after"):
+            if isinstance(summary.get(key), dict):
+                lines.append(f"  - {key}: " + ", ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}"
+                                                        for k, v in summary[key].items()))
+    ratios = summaries.get("plan", {}).get("ratios_to_default")
+    if ratios:
+        lines += ["", f"EP placement plan (EP={summaries['plan']['ep_size']}, {summaries['plan']['samples']} samples of "
+                  "the routing cache), planned ÷ default layout volumes (lower is better): "
+                  + ", ".join(f"{key} {value:.3f}" for key, value in ratios.items() if value is not None)
+                  + ". Volumes only: these CPU runs train with EP=1."]
+    if preset.get("notes"):
+        lines += ["", "## Notes", "", *[f"- {note}" for note in preset["notes"]]]
+    return "\n".join(lines) + "\n"
