@@ -54,7 +54,7 @@ def train(cfg: DictConfig) -> dict:
         dispatch_hook = build_dispatch_hook(root, trainer, hook)
         if dispatch_hook is not None:  # after the routing hook: plans the same micro-batch
             trainer.hooks.append(dispatch_hook)
-        traffic = traffic_hook(root, planned.plan if planned else None)
+        traffic = traffic_hook(root, planned.plan if planned else None, hook)
         if traffic is not None:  # after the routing hook: it reads the routing that hook set
             trainer.hooks.append(traffic)
         summary = trainer.run()

@@ -42,10 +42,10 @@ def micro_batch_index(rank_sample_ids: list[int], batch_sample_ids: list[int]) -
 
 
 class PlannedDispatchHook:
-    def __init__(self, source, context: DispatchContext, peer_dp_ranks: list[int], num_experts: int,
+    def __init__(self, routing_hook, context: DispatchContext, peer_dp_ranks: list[int], num_experts: int,
                  slot_of_expert: torch.Tensor | None = None,
                  activation_threshold: float | None = None, scaling_factor: float = 1.0):
-        self.source = source
+        self.routing_hook = routing_hook  # runs first: its host routing is this rank's batch
         self.context = context
         self.peer_dp_ranks = peer_dp_ranks
         self.num_experts = num_experts
@@ -60,12 +60,12 @@ class PlannedDispatchHook:
         counts = []
         for peer_dp_rank in self.peer_dp_ranks:
             if peer_dp_rank == trainer.dp_rank:
-                peer_batch = batch
+                routing = self.routing_hook.host_routing
             else:
                 peer_ids = trainer.schedule.rank_sample_ids(trainer.step, peer_dp_rank)
                 peer_batch = collate(trainer.train_dataset,
                                      peer_ids[index * micro_batch_size:(index + 1) * micro_batch_size])
-            routing = self.source.routing_for(peer_batch)
+                routing = self.routing_hook.source.routing_for(peer_batch)
             topk = routing.indices_SBK.shape[-1]
             counts.append(routed_expert_counts(
                 routing.indices_SBK.reshape(-1, topk), self.num_experts, self.slot_of_expert,

@@ -20,7 +20,7 @@ def build_dispatch_hook(root, trainer, routing_hook) -> PlannedDispatchHook | No
     router = trainer.moe_layers[0].router  # every MoE layer maps experts to slots alike
     log.info("planned dispatcher: all-to-all splits planned on the host from %s routing%s",
              root.router.name, " (verified in every layer)" if root.parallel.verify_dispatch_plan else "")
-    return PlannedDispatchHook(routing_hook.source, trainer.dispatch_context,
+    return PlannedDispatchHook(routing_hook, trainer.dispatch_context,
                                expert_peer_dp_ranks(trainer.layout.device), root.model.num_experts,
                                slot_of_expert=getattr(router, "slot_of_expert", None),
                                activation_threshold=getattr(router, "activation_threshold", None),

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from megatron_grouter.runtime.distributed import all_reduce_host
 
 FIELDS = ("tokens", "pairs_leaving_rank", "pairs_leaving_node", "sends_rank", "sends_node")
 
@@ -41,7 +42,9 @@ class EPTrafficHook:
     """Trainer hook: counts each micro-batch's traffic after the routing hook filled the context,
     and reports the step's totals (summed over ranks) as `ep/*` metrics."""
 
-    def __init__(self, expert_to_rank: np.ndarray, ep_rank: int, ranks_per_node: int, group=None):
+    def __init__(self, routing_hook, expert_to_rank: np.ndarray, ep_rank: int, ranks_per_node: int,
+                 group=None):
+        self.routing_hook = routing_hook  # runs first: its host routing is this rank's batch
         self.expert_to_rank = np.asarray(expert_to_rank, dtype=np.int64)
         self.ep_rank = ep_rank
         self.ranks_per_node = ranks_per_node
@@ -51,8 +54,9 @@ class EPTrafficHook:
     def before_forward(self, trainer, batch) -> None:
         if not trainer.ddp.training:  # evaluation traffic is not training traffic
             return
-        indices_TK, _ = trainer.routing_context.local(batch.tokens_BS.numel())
-        counts = token_traffic(indices_TK.cpu().numpy(), self.expert_to_rank, self.ep_rank, self.ranks_per_node)
+        indices_SBK = self.routing_hook.host_routing.indices_SBK
+        counts = token_traffic(indices_SBK.reshape(-1, indices_SBK.shape[-1]).numpy(), self.expert_to_rank,
+                               self.ep_rank, self.ranks_per_node)
         for name, value in counts.items():
             self.totals[name] += value
 
@@ -60,8 +64,7 @@ class EPTrafficHook:
         pass
 
     def step_metrics(self, trainer) -> dict:
-        summed = torch.tensor([self.totals[name] for name in FIELDS], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(summed, group=self.group)
+        summed = all_reduce_host(torch.tensor([self.totals[name] for name in FIELDS], dtype=torch.float64),
+                                 group=self.group)
         self.totals = dict.fromkeys(FIELDS, 0)
         return {f"ep/{name}": int(value) for name, value in zip(FIELDS, summed.tolist())}

@@ -90,15 +90,16 @@ def load_training_plan(root, prefix: str, train_dataset) -> TrainingPlan | None:
     return TrainingPlan(plan, PlannedSchedule(plan, parallel_state.get_data_parallel_world_size()))
 
 
-def traffic_hook(root, plan: Plan | None) -> EPTrafficHook | None:
+def traffic_hook(root, plan: Plan | None, routing_hook) -> EPTrafficHook | None:
     """EP traffic metrics for preemptive Grouter routing under expert parallelism (or a plan)."""
     from megatron.core import parallel_state
 
     from megatron_grouter.routing.registry import router_kind
 
-    if not router_kind(root.router.type).preemptive or (root.parallel.expert == 1 and plan is None):
+    if routing_hook is None or not router_kind(root.router.type).preemptive or (
+            root.parallel.expert == 1 and plan is None):
         return None
     expert_to_rank = plan.expert_to_rank() if plan is not None else \
         contiguous_expert_to_rank(root.model.num_experts, root.parallel.expert)
-    return EPTrafficHook(np.asarray(expert_to_rank), parallel_state.get_expert_model_parallel_rank(),
+    return EPTrafficHook(routing_hook, np.asarray(expert_to_rank), parallel_state.get_expert_model_parallel_rank(),
                          root.parallel.ranks_per_node, group=parallel_state.get_data_parallel_group())

@@ -36,17 +36,24 @@ class HashTableSource:
 
 
 class PreemptiveRoutingHook:
+    """Fills the model's RoutingContext per micro-batch. `host_routing` keeps the same routing
+    on the host for the hooks after it (dispatch planning, traffic metrics), so they neither
+    route the batch again nor copy it back from the device."""
+
     def __init__(self, source: RoutingSource, context: RoutingContext):
         self.source = source
         self.context = context
+        self.host_routing: Routing | None = None
 
     def before_forward(self, trainer, batch) -> None:
         routing = self.source.routing_for(batch)
+        self.host_routing = routing
         device = batch.tokens_BS.device
         self.context.set(Routing(routing.indices_SBK.to(device), routing.weights_SBK.to(device)))
 
     def after_forward(self, trainer, batch) -> None:
         self.context.clear()
+        self.host_routing = None
 
     def step_metrics(self, trainer) -> dict:
         entropies = [layer.router.take_gate_entropy() for layer in trainer.moe_layers
