@@ -222,15 +222,16 @@ def log_partition(logits_TE: torch.Tensor, counts: int | Sequence[int] | range) 
     return log_z_T - F.softplus(logits_TE.to(log_z_T.dtype)).sum(dim=1)
 
 
-def subset_entropy(logits_TE: torch.Tensor, k_min: int, k_max: int) -> torch.Tensor:
+def subset_entropy(logits_TE: torch.Tensor, k_min: int, k_max: int,
+                   mu_TE: torch.Tensor | None = None) -> torch.Tensor:
     """Entropy (nats) of the routing distribution over subsets, per token: [T].
 
     For p(z) = exp(z . l) / Z, H = -E[log p(z)] = log Z - sum_i mu_i l_i: exact from the
     log-normaliser and the marginals, no enumeration. 0 for a certain subset; log C(E, k) for
-    equal logits with exact-k.
+    equal logits with exact-k. Pass `mu_TE` when the marginals are known already.
     """
     with torch.no_grad():
-        mu_TE = marginals(logits_TE, k_min, k_max)
+        mu_TE = marginals(logits_TE, k_min, k_max) if mu_TE is None else mu_TE.detach()
         log_z_T = log_normaliser(logits_TE, k_min, k_max)
         return (log_z_T - (mu_TE * logits_TE.to(mu_TE.dtype)).sum(dim=1)).clamp_min(0)
 

@@ -32,8 +32,8 @@ from megatron_grouter.routing.probmoe_dp import (
     subset_entropy,
 )
 
-# Tokens per forward whose exact subset entropy is metered (a strided sample: the DP costs
-# as much as routing itself, and a mean over 512 tokens is precise enough for a log line).
+# Tokens per forward whose exact subset entropy is metered (a strided sample: its log-normaliser
+# DP costs a pass of its own, and a mean over 512 tokens is precise enough for a log line).
 ENTROPY_SAMPLE_TOKENS = 512
 
 
@@ -66,8 +66,8 @@ class ProbMoERouter(TopKRouter):
         self.generator = generator
         self.load_meter = LoadMeter(self.num_experts)
 
-    def select(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gates_TE, routing_map_TE) for flat logits."""
+    def select(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(gates_TE, routing_map_TE, marginals_TE or None outside training) for flat logits."""
         if self.training and torch.is_grad_enabled():
             mask_TE, mu_TE = sample_with_marginals(logits_TE, self.k_min, self.k_max, generator=self.generator)
         else:
@@ -77,7 +77,7 @@ class ProbMoERouter(TopKRouter):
         scaling = self.config.moe_router_topk_scaling_factor
         if scaling:
             gates_TE = gates_TE * scaling
-        return gates_TE.to(logits_TE.dtype), mask_TE
+        return gates_TE.to(logits_TE.dtype), mask_TE, mu_TE
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
         seq_length, bsz = logits.shape[:2]
@@ -85,7 +85,7 @@ class ProbMoERouter(TopKRouter):
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
         logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_mask)
-        probs_TE, routing_map_TE = self.select(logits_TE)
+        probs_TE, routing_map_TE, mu_TE = self.select(logits_TE)
 
         if self.config.moe_expert_capacity_factor is not None:
             probs_TE, routing_map_TE = apply_router_token_dropping(
@@ -108,8 +108,8 @@ class ProbMoERouter(TopKRouter):
                                                    with_padding_mask=with_padding)
 
         self.load_meter.record(routing_map_TE)
-        if self.training:
+        if mu_TE is not None:  # training: the sampling step's marginals leave only log Z to compute
             stride = max(1, logits_TE.shape[0] // ENTROPY_SAMPLE_TOKENS)
             self.load_meter.record_entropy(subset_entropy(logits_TE.detach()[::stride].float(),
-                                                          self.k_min, self.k_max))
+                                                          self.k_min, self.k_max, mu_TE[::stride]))
         return probs_TE, routing_map_TE

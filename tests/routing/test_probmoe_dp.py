@@ -61,6 +61,9 @@ def test_subset_entropy_matches_enumeration(k_min, k_max):
     _, _, probs_TS, _ = brute_force(logits_TE, k_min, k_max)
     expected_T = -(probs_TS * probs_TS.clamp_min(1e-300).log()).sum(1)
     torch.testing.assert_close(dp.subset_entropy(logits_TE, k_min, k_max), expected_T, atol=1e-6, rtol=0)
+    known_mu_TE = dp.marginals(logits_TE, k_min, k_max)
+    torch.testing.assert_close(dp.subset_entropy(logits_TE, k_min, k_max, known_mu_TE), expected_T,
+                               atol=1e-6, rtol=0)
     uniform = dp.subset_entropy(torch.zeros(1, 7, dtype=torch.float64), k_min, k_max)
     torch.testing.assert_close(uniform, torch.tensor([float(len(probs_TS[0]))]).log().double())
 
