@@ -47,6 +47,32 @@ def build_layer(args, routing_context):
     return build_module(spec, config=config)
 
 
+def switchable_layer(args, device, indices_TK: torch.Tensor, weights_TK: torch.Tensor, plan):
+    """An MoE layer routed by indices_TK/weights_TK, and `use(name)` that picks its dispatcher:
+    planned (given `plan`), counted (planned dispatcher without a plan) or megatron's allgather."""
+    from megatron_grouter.dispatch.context import DispatchContext
+    from megatron_grouter.dispatch.planned_dispatcher import install_planned_dispatchers
+    from megatron_grouter.routing.context import Routing, RoutingContext
+
+    routing_context = RoutingContext()
+    layer = build_layer(args, routing_context).to(device)
+    allgather = layer.token_dispatcher
+    dispatch_context = DispatchContext()
+    install_planned_dispatchers(layer, dispatch_context)
+    planned = layer.token_dispatcher
+    routing_context.set(Routing(indices_TK.view(args.tokens, 1, args.topk).to(device),
+                                weights_TK.view(args.tokens, 1, args.topk).to(device)))
+
+    def use(name: str) -> None:
+        layer.token_dispatcher = allgather if name == "allgather" else planned
+        if name == "planned":
+            dispatch_context.set(plan)
+        else:
+            dispatch_context.clear()
+
+    return layer, use
+
+
 def rank_routing(args, rank: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(rank)
     return torch.rand(args.tokens, args.experts, generator=generator).argsort(dim=1)[:, :args.topk]
@@ -58,34 +84,19 @@ def worker(rank: int, args, port: int, results) -> None:
     torch.set_num_threads(args.threads)
     import torch.distributed as dist
 
-    from megatron_grouter.dispatch.context import DispatchContext
     from megatron_grouter.dispatch.plan import DispatchPlan, routed_expert_counts
-    from megatron_grouter.dispatch.planned_dispatcher import install_planned_dispatchers
-    from megatron_grouter.routing.context import Routing, RoutingContext
     from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
 
     layout = init_distributed(expert_parallel=args.ep, num_experts=args.experts)
     try:
-        routing_context = RoutingContext()
-        layer = build_layer(args, routing_context).to(layout.device)
-        allgather = layer.token_dispatcher
-        dispatch_context = DispatchContext()
-        install_planned_dispatchers(layer, dispatch_context)
-        planned = layer.token_dispatcher
-        indices_TK = rank_routing(args, rank)
-        routing_context.set(Routing(indices_TK.view(args.tokens, 1, args.topk).to(layout.device),
-                                    torch.full((args.tokens, 1, args.topk), 1.0 / args.topk,
-                                               device=layout.device)))
         plan = DispatchPlan(torch.stack([routed_expert_counts(rank_routing(args, peer), args.experts)
                                          for peer in range(args.ep)]))
+        layer, use = switchable_layer(args, layout.device, rank_routing(args, rank),
+                                      torch.full((args.tokens, args.topk), 1.0 / args.topk), plan)
         hidden_TBH = torch.randn(args.tokens, 1, args.hidden, device=layout.device)
 
         def step(name: str) -> float:
-            layer.token_dispatcher = allgather if name == "allgather" else planned
-            if name == "planned":
-                dispatch_context.set(plan)
-            else:
-                dispatch_context.clear()
+            use(name)
             dist.barrier()
             if layout.device.type == "cuda":
                 torch.cuda.synchronize()

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from dispatch import build_layer, rank_routing
+from dispatch import rank_routing, switchable_layer
 
 
 def main() -> None:
@@ -32,31 +32,20 @@ def main() -> None:
     cli = parser.parse_args()
     args = SimpleNamespace(**vars(cli), ep=1)
 
-    from megatron_grouter.dispatch.context import DispatchContext
     from megatron_grouter.dispatch.plan import DispatchPlan, routed_expert_counts
-    from megatron_grouter.dispatch.planned_dispatcher import install_planned_dispatchers
-    from megatron_grouter.routing.context import Routing, RoutingContext
     from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
 
     layout = init_distributed(expert_parallel=1, num_experts=args.experts)
     cuda = layout.device.type == "cuda"
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}")
     try:
-        routing_context = RoutingContext()
-        layer = build_layer(args, routing_context).to(layout.device)
-        allgather = layer.token_dispatcher
-        dispatch_context = DispatchContext()
-        install_planned_dispatchers(layer, dispatch_context)
-        planned = layer.token_dispatcher
         indices_TK = rank_routing(args, 0)
-        routing_context.set(Routing(indices_TK.view(args.tokens, 1, args.topk).to(layout.device),
-                                    torch.rand(args.tokens, 1, args.topk, device=layout.device)))
         plan = DispatchPlan(routed_expert_counts(indices_TK, args.experts)[None])
+        layer, use = switchable_layer(args, layout.device, indices_TK, torch.rand(args.tokens, args.topk), plan)
         hidden_TBH = torch.randn(args.tokens, 1, args.hidden, device=layout.device)
 
         def step(name: str):
-            layer.token_dispatcher = allgather if name == "allgather" else planned
-            dispatch_context.set(plan) if name == "planned" else dispatch_context.clear()
+            use(name)
             layer.zero_grad(set_to_none=True)
             inputs = hidden_TBH.clone().requires_grad_(True)
             output, _ = layer(inputs)
