@@ -8,41 +8,32 @@ interpolation; "not reached" otherwise) and its training tokens/s as a ratio to 
 
   .venv/bin/python benchmarks/probmoe_convergence.py                      # tiny_cpu, 200 steps
   .venv/bin/python benchmarks/probmoe_convergence.py --steps 600 --eval-interval 50 model=tiny_qwen3
+  .venv/bin/python benchmarks/probmoe_convergence.py --routers aux_loss probmoe_exact_k -- model=tiny_qwen3
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from megatron_grouter.reproduce.metrics import RunMetrics, data_efficiency, read_run, throughput
+
 REPO = Path(__file__).resolve().parent.parent
 ROUTERS = ("aux_loss", "probmoe_exact_k", "probmoe_dynamic_k")
 
 
-def train(router: str, steps: int, eval_interval: int, out_dir: Path, overrides: list[str]) -> list[dict]:
+def train(router: str, steps: int, eval_interval: int, out_dir: Path, overrides: list[str]) -> RunMetrics:
     command = [sys.executable, "-m", "megatron_grouter.train", f"router={router}", f"train.steps={steps}",
                f"train.eval_interval={eval_interval}", "train.save_interval=-1", "train.resume=none",
                f"train.out_dir={out_dir}", *overrides]
     result = subprocess.run(command, cwd=REPO, env=dict(os.environ), capture_output=True, text=True)
     if result.returncode:
         raise SystemExit(f"{router} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
-    """First token count at which the (linearly interpolated) validation curve reaches target."""
-    for (tokens_a, loss_a), (tokens_b, loss_b) in zip(curve, curve[1:]):
-        if loss_b <= target:
-            if loss_a <= target:
-                return float(tokens_a)
-            return tokens_a + (tokens_b - tokens_a) * (loss_a - target) / (loss_a - loss_b)
-    return None
+    return read_run(out_dir, router)
 
 
 def main() -> None:
@@ -52,29 +43,25 @@ def main() -> None:
     parser.add_argument("--routers", nargs="+", default=list(ROUTERS))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (model, data, train)")
     args = parser.parse_args()
-    curves, speeds = {}, {}
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for router in args.routers:
             print(f"training {router} ({args.steps} steps) ...", flush=True)
-            records = train(router, args.steps, args.eval_interval, Path(tmp) / router, args.overrides)
-            curves[router] = [(record["tokens"], record["val_loss"]) for record in records if "val_loss" in record]
-            rates = [record["tokens_per_s"] for record in records if "tokens_per_s" in record]
-            speeds[router] = statistics.median(rates[len(rates) // 3:])
-    names = list(curves)
+            runs[router] = train(router, args.steps, args.eval_interval, Path(tmp) / router, args.overrides)
+    names = list(runs)
     print("\nvalidation loss against tokens")
     print(f"{'tokens':>10} " + " ".join(f"{name:>18}" for name in names))
-    for row in range(min(len(curve) for curve in curves.values())):
-        print(f"{curves[names[0]][row][0]:>10} " + " ".join(f"{curves[name][row][1]:>18.4f}" for name in names))
-    baseline = names[0]
-    target = curves[baseline][-1][1]
-    print(f"\nagainst {baseline} (final validation loss {target:.4f}):")
-    for name in names:
-        final = curves[name][-1][1]
-        reached = tokens_to_reach(curves[name], target)
+    for row in range(min(len(run.evals) for run in runs.values())):
+        print(f"{runs[names[0]].tokens[row]:>10.0f} " + " ".join(f"{runs[name].val_loss[row]:>18.4f}"
+                                                               for name in names))
+    baseline = runs[names[0]]
+    print(f"\nagainst {baseline.name} (final validation loss {baseline.val_loss[-1]:.4f}):")
+    for name, run in runs.items():
+        reached = data_efficiency(baseline, run)["candidate_tokens"]
         reach = "not reached" if reached is None else f"{reached:,.0f} tokens"
-        print(f"  {name:<18} final {final:.4f} ({final - target:+.4f})  reaches {baseline}'s final loss: "
-              f"{reach}  tokens/s ratio {speeds[name] / speeds[baseline]:.2f}x")
-
+        print(f"  {name:<18} final {run.val_loss[-1]:.4f} ({run.val_loss[-1] - baseline.val_loss[-1]:+.4f})  "
+              f"reaches {baseline.name}'s final loss: {reach}  "
+              f"tokens/s ratio {throughput(run) / throughput(baseline):.2f}x")
 
 if __name__ == "__main__":
     main()
