@@ -80,9 +80,11 @@ def separating_terms(hidden_NH: np.ndarray, num_children: int, seed: int = 0) ->
     return directions_CH, offsets_C
 
 
-def _topk_sets(logits_TE: torch.Tensor, bias_E: torch.Tensor, topk: int) -> torch.Tensor:
+def _topk_sets(logits_TE: torch.Tensor, bias_E: torch.Tensor, topk: int,
+               groups_E: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, E] booleans: the experts each token's (biased, two-level with groups) top-k selects."""
     selected_TE = torch.zeros_like(logits_TE, dtype=torch.bool)
-    return selected_TE.scatter_(1, (logits_TE + bias_E).topk(topk, dim=1).indices, True)
+    return selected_TE.scatter_(1, choose_experts(logits_TE + bias_E, topk, groups_E), True)
 
 
 def count_violations(old_TE: torch.Tensor, new_TE: torch.Tensor, families: dict[int, list[int]]) -> int:
@@ -161,8 +163,7 @@ def expand_grouter(grouter, hidden_TH: torch.Tensor, logits_TE: torch.Tensor, nu
     expanded = Grouter(new_config)
     expanded.load_state_dict(state, strict=True)
     new_logits_TE = torch.nn.functional.linear(hidden_TH.float(), state["score.weight"], state["score.bias"])
-    chosen_TK = choose_experts(new_logits_TE + state["expert_bias"], topk, expanded.expert_groups)
-    new_TE = torch.zeros(len(chosen_TK), num_target, dtype=torch.bool).scatter_(1, chosen_TK, True)
+    new_TE = _topk_sets(new_logits_TE, state["expert_bias"], topk, expanded.expert_groups)
     violations = count_violations(old_TE, new_TE, families)
     return ExpandResult(grouter=expanded.to(grouter.score.weight.device), parents=families, alpha=alphas,
                         violation_rate=violations / max(len(old_TE), 1), tokens=len(old_TE))
