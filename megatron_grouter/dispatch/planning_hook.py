@@ -74,7 +74,7 @@ class PlannedDispatchHook:
         return DispatchPlan(torch.stack(counts))
 
     def before_forward(self, trainer, batch) -> None:
-        if trainer.ddp.training:
+        if trainer.training:
             self.context.set(self.plan_for(trainer, batch))
 
     def after_forward(self, trainer, batch) -> None:

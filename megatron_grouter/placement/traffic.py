@@ -52,7 +52,7 @@ class EPTrafficHook:
         self.totals = dict.fromkeys(FIELDS, 0)
 
     def before_forward(self, trainer, batch) -> None:
-        if not trainer.ddp.training:  # evaluation traffic is not training traffic
+        if not trainer.training:  # evaluation traffic is not training traffic
             return
         indices_SBK = self.routing_hook.host_routing.indices_SBK
         counts = token_traffic(indices_SBK.reshape(-1, indices_SBK.shape[-1]).numpy(), self.expert_to_rank,

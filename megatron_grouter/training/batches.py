@@ -25,19 +25,22 @@ class MicroBatch:
     # Global .bin positions of the input tokens (GPTDataset only): how preemptive routing
     # computed per document finds these tokens. Stays on the host.
     token_positions_BS: np.ndarray | None = None
+    # Which micro-batch of this rank's step this is (0-based); -1 outside a training step.
+    micro_batch_index: int = -1
 
     def to(self, device: torch.device) -> "MicroBatch":
         tensors = (self.tokens_BS, self.labels_BS, self.loss_mask_BS, self.position_ids_BS,
                    self.sample_ids_B)
         return MicroBatch(*(tensor.to(device, non_blocking=True) for tensor in tensors),
-                          token_positions_BS=self.token_positions_BS)
+                          token_positions_BS=self.token_positions_BS,
+                          micro_batch_index=self.micro_batch_index)
 
 
 def _as_tensor(value) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
 
 
-def collate(dataset, sample_ids: list[int]) -> MicroBatch:
+def collate(dataset, sample_ids: list[int], micro_batch_index: int = -1) -> MicroBatch:
     items = [dataset[index] for index in sample_ids]
     stack = lambda key: torch.stack([_as_tensor(item[key]) for item in items])  # noqa: E731
     positions = (input_token_positions(dataset, sample_ids) if hasattr(dataset, "sample_index")
@@ -46,7 +49,7 @@ def collate(dataset, sample_ids: list[int]) -> MicroBatch:
                       loss_mask_BS=stack("loss_mask").float(),
                       position_ids_BS=stack("position_ids").long(),
                       sample_ids_B=torch.tensor(sample_ids, dtype=torch.long),
-                      token_positions_BS=positions)
+                      token_positions_BS=positions, micro_batch_index=micro_batch_index)
 
 
 class SequentialSchedule:
@@ -69,5 +72,5 @@ class SequentialSchedule:
 
 
 def micro_batches(dataset, sample_ids: list[int], micro_batch_size: int) -> list[MicroBatch]:
-    return [collate(dataset, sample_ids[start:start + micro_batch_size])
-            for start in range(0, len(sample_ids), micro_batch_size)]
+    return [collate(dataset, sample_ids[start:start + micro_batch_size], index)
+            for index, start in enumerate(range(0, len(sample_ids), micro_batch_size))]

@@ -96,6 +96,11 @@ class Trainer:
         self.metrics = MetricsLogger(config.logger, self.out_dir, layout.is_main,
                                      run_config=asdict(config))
 
+    @property
+    def training(self) -> bool:
+        """True inside a training step, False during evaluation (hooks ask this)."""
+        return self.ddp.training
+
     # ----------------------------------------------------------------- forward/backward
     def micro_batch_loss(self, batch: MicroBatch) -> torch.Tensor:
         for hook in self.hooks:
