@@ -22,42 +22,51 @@ from megatron_grouter.training.config import register_schema
 log = logging.getLogger("megatron_grouter")
 
 
-def train(cfg: DictConfig) -> dict:
+def build_trainer(root, layout):
+    """Data, model, optimizer and the routing/dispatch hooks of a composed config."""
     from megatron_grouter.dispatch.setup import build_dispatch_hook
     from megatron_grouter.placement.training_plan import load_training_plan, traffic_hook
     from megatron_grouter.routing.setup import build_routing_hook
-    from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
     from megatron_grouter.runtime.seed import set_seed
-    from megatron_grouter.training.config import to_train_config, validate
+    from megatron_grouter.training.config import validate
     from megatron_grouter.training.data_setup import prepare_datasets
-    from megatron_grouter.training.loggers import setup_console_logging
     from megatron_grouter.training.trainer import Trainer
+
+    set_seed(root.train.seed)
+    data = prepare_datasets(root, layout)
+    validate(root, layout.world_size, tokenizer_vocab=data.tokenizer.vocab_size)
+    planned = load_training_plan(root, data.prefix, data.train)
+    trainer = Trainer(root, layout, data.train, data.valid, vocab_size=data.model_vocab_size,
+                      **(planned.trainer_arguments() if planned else {}))
+    hook = build_routing_hook(root, trainer, data.prefix, data.tokenizer, layout.device)
+    if hook is not None:
+        trainer.hooks.append(hook)
+    dispatch_hook = build_dispatch_hook(root, trainer, hook)
+    if dispatch_hook is not None:  # after the routing hook: plans the same micro-batch
+        trainer.hooks.append(dispatch_hook)
+    traffic = traffic_hook(root, planned.plan if planned else None, hook)
+    if traffic is not None:  # after the routing hook: it reads the routing that hook set
+        trainer.hooks.append(traffic)
+    return trainer
+
+
+def train(cfg: DictConfig) -> dict:
+    from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
+    from megatron_grouter.training.config import to_train_config, validate
+    from megatron_grouter.training.loggers import setup_console_logging
 
     root = to_train_config(cfg)
     validate(root, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     layout = init_distributed(root.parallel.tensor, root.parallel.pipeline, root.parallel.expert,
-                              num_experts=root.model.num_experts)
+                              num_experts=root.model.num_experts,
+                              virtual_pipeline=root.parallel.virtual_pipeline)
     setup_console_logging(layout.is_main)
     try:
-        log.info("mg-train: model=%s router=%s world=%d (TP=%d EP=%d DP=%d) on %s/%s",
+        log.info("mg-train: model=%s router=%s world=%d (TP=%d PP=%d EP=%d DP=%d) on %s/%s",
                  root.model.name, root.router.name, layout.world_size, layout.tensor_parallel,
-                 layout.expert_parallel, layout.data_parallel, layout.device.type, layout.backend)
-        set_seed(root.train.seed)
-        data = prepare_datasets(root, layout)
-        validate(root, layout.world_size, tokenizer_vocab=data.tokenizer.vocab_size)
-        planned = load_training_plan(root, data.prefix, data.train)
-        trainer = Trainer(root, layout, data.train, data.valid, vocab_size=data.model_vocab_size,
-                          **(planned.trainer_arguments() if planned else {}))
-        hook = build_routing_hook(root, trainer, data.prefix, data.tokenizer, layout.device)
-        if hook is not None:
-            trainer.hooks.append(hook)
-        dispatch_hook = build_dispatch_hook(root, trainer, hook)
-        if dispatch_hook is not None:  # after the routing hook: plans the same micro-batch
-            trainer.hooks.append(dispatch_hook)
-        traffic = traffic_hook(root, planned.plan if planned else None, hook)
-        if traffic is not None:  # after the routing hook: it reads the routing that hook set
-            trainer.hooks.append(traffic)
-        summary = trainer.run()
+                 layout.pipeline_parallel, layout.expert_parallel, layout.data_parallel,
+                 layout.device.type, layout.backend)
+        summary = build_trainer(root, layout).run()
         log.info("done: %s", summary)
         return summary
     finally:

@@ -9,6 +9,8 @@ Transformer Engine rather than CUDA (a GPU image without TE hits it too; seen on
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 
 import torch
 
@@ -73,6 +75,95 @@ def _answer_missing_transformer_engine() -> None:
         moe_utils.te_general_gemm = None
 
 
+class _CudaFactoriesOnCpu(types.ModuleType):
+    """`torch` as seen by a megatron module that builds small tensors with device='cuda'
+    (found-inf flags, norm accumulators, token counters): the same torch, with 'cuda' read as
+    the CPU. Everything else is torch itself."""
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange")
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        value = getattr(torch, name)
+        if name in self._FACTORIES:
+            @functools.wraps(value)
+            def on_cpu(*args, device=None, **kwargs):
+                if device is not None and torch.device(device).type == "cuda":
+                    device = "cpu"
+                return value(*args, device=device, **kwargs)
+            return on_cpu
+        return value
+
+
+_CPU_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor",
+                   "torch.HalfTensor": "torch.cuda.HalfTensor",
+                   "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+
+@contextlib.contextmanager
+def _cpu_tensors_named_as_cuda():
+    """While active, `tensor.type()` of a CPU float tensor answers its CUDA name."""
+    original = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        name = original(self, *args, **kwargs)
+        return _CPU_TYPE_NAMES.get(name, name) if not args and not kwargs else name
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cpu_tensors_named_as_cuda(function):
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        with _cpu_tensors_named_as_cuda():
+            return function(*args, **kwargs)
+    return wrapped
+
+
+def _move_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """moe_utils.maybe_move_tensor_to_cpu, for tensors that already live on the CPU: the
+    all-to-all dispatcher expects numpy split sizes back either way."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _answer_optimizer_and_schedule_assumptions() -> None:
+    from megatron.core import utils as core_utils
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
+    from megatron.core.optimizer import optimizer as core_optimizer
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    # 5. Flags, norms and token counters are created with device='cuda'.
+    shim = _CudaFactoriesOnCpu()
+    for module in (core_optimizer, clip_grads, core_utils, schedules):
+        module.torch = shim
+    # 6. The mixed-precision/distributed optimizers and the clipping check tensor.type() against
+    #    'torch.cuda.*Tensor' names, only while they are built and while they clip.
+    core_optimizer.Float16OptimizerWithFloat16Params.__init__ = _with_cpu_tensors_named_as_cuda(
+        core_optimizer.Float16OptimizerWithFloat16Params.__init__)
+    distrib_optimizer.DistributedOptimizer.__init__ = _with_cpu_tensors_named_as_cuda(
+        distrib_optimizer.DistributedOptimizer.__init__)
+    clipping = _with_cpu_tensors_named_as_cuda(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = clipping
+    core_optimizer.clip_grad_by_total_norm_fp32 = clipping
+    # 7. The all-to-all dispatcher copies split sizes on a side CUDA stream; torch.cpu has
+    #    no-op streams with the same interface.
+    torch.cuda.Stream = torch.cpu.Stream
+    torch.cuda.current_stream = torch.cpu.current_stream
+    torch.cuda.stream = torch.cpu.stream
+    # 8. ...and turns only CUDA tensors into numpy split sizes.
+    moe_utils.maybe_move_tensor_to_cpu = _move_to_host
+    token_dispatcher.maybe_move_tensor_to_cpu = _move_to_host
+
+
 def apply_cpu_compat() -> None:
     """Patch the CUDA-only spots of megatron-core; a no-op when CUDA is available."""
     global _APPLIED
@@ -89,8 +180,13 @@ def apply_cpu_compat() -> None:
 
     mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # ...and activation recomputation saves/restores the CUDA generator beside the CPU one and
+    # the tracker's: there is no CUDA generator here (the other two are saved as usual).
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
     # 3. dist_checkpointing's async filesystem writer synchronises CUDA after its copies to CPU.
     torch.cuda.synchronize = lambda *args, **kwargs: None
 
+    _answer_optimizer_and_schedule_assumptions()
     _APPLIED = True

@@ -42,7 +42,7 @@ def free_port() -> int:
 
 
 def check_layout(world_size: int, tensor_parallel: int, pipeline_parallel: int,
-                 expert_parallel: int, num_experts: int | None, cuda: bool) -> int:
+                 expert_parallel: int, num_experts: int | None) -> int:
     """Validate a parallel layout; return the data-parallel size."""
     model_parallel = tensor_parallel * pipeline_parallel
     if min(tensor_parallel, pipeline_parallel, expert_parallel) < 1:
@@ -58,14 +58,12 @@ def check_layout(world_size: int, tensor_parallel: int, pipeline_parallel: int,
     if num_experts is not None and num_experts % expert_parallel:
         raise UserError(f"{num_experts} experts are not divisible by EP={expert_parallel}; "
                         "choose parallel.expert dividing model.num_experts")
-    if pipeline_parallel > 1 and not cuda:
-        raise UserError("pipeline parallelism needs CUDA (megatron-core's pipeline schedules); "
-                        "set parallel.pipeline=1 on CPU")
     return data_parallel
 
 
 def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1,
-                     num_experts: int | None = None, timeout_minutes: int = 30) -> ParallelLayout:
+                     num_experts: int | None = None, timeout_minutes: int = 30,
+                     virtual_pipeline: int | None = None) -> ParallelLayout:
     """Initialise torch.distributed and megatron's parallel_state; idempotent per process."""
     from megatron.core import parallel_state
 
@@ -75,7 +73,7 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, exper
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     data_parallel = check_layout(world_size, tensor_parallel, pipeline_parallel, expert_parallel,
-                                 num_experts, cuda)
+                                 num_experts)
     backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(local_rank)
@@ -93,6 +91,7 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, exper
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
         expert_model_parallel_size=expert_parallel,
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=cuda,

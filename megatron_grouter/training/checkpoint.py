@@ -1,8 +1,9 @@
 """Training checkpoints: megatron-core dist_checkpointing, written atomically.
 
 Layout under `<out_dir>/checkpoints/`:
-  step_0000100/        a complete checkpoint: model and optimizer (torch_dist, resharding-
-                       capable), rng/rank_*.pt, train_state.json (written last)
+  step_0000100/        a complete checkpoint: model and megatron optimizer state (torch_dist;
+                       the distributed optimizer's reshards over data parallelism),
+                       rng/rank_*.pt, train_state.json (written last)
   step_0000200.tmp/    a checkpoint being written; never read
   latest               the name of the newest complete checkpoint
 All ranks write into the `.tmp` directory; after a barrier rank 0 writes train_state.json, renames
@@ -21,8 +22,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                        optim_state_to_sharding_state)
 
 from megatron_grouter.errors import UserError
 
@@ -48,26 +47,26 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
-    return [param for group in optimizer.param_groups for param in group["params"]]
+CHECKPOINT_FORMAT = 2  # 2: megatron-core optimizer state (1, unversioned: torch AdamW state)
+# The distributed optimizer's state in a layout that reshards over data parallelism (and, unlike
+# megatron's default, saves and loads with gloo on CPU in megatron-core 0.16.1).
+DISTRIBUTED_OPTIMIZER_SHARDING = "dp_reshardable"
 
 
-def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create AdamW's moment buffers so a checkpoint can be loaded into them."""
-    for param in optimizer_params(optimizer):
-        state = optimizer.state[param]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+def model_sharded_state(model_chunks: list) -> dict:
+    """One chunk: its sharded state dict; interleaved chunks: one nested dict per chunk (their
+    local parameter names repeat; the ShardedTensor keys inside are global)."""
+    if len(model_chunks) == 1:
+        return model_chunks[0].sharded_state_dict()
+    return {f"chunk{index}": chunk.sharded_state_dict() for index, chunk in enumerate(model_chunks)}
 
 
-def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    model_sharded = model.sharded_state_dict()
-    optim_state = optimizer.state_dict()
-    id_map = get_param_id_to_sharded_param_map(model_sharded, optimizer_params(optimizer))
-    optim_state_to_sharding_state(optim_state, id_map, exclude_keys=("step",))
-    return {"model": model_sharded, "optimizer": optim_state}
+def sharded_state(model_chunks: list, optimizer, is_loading: bool) -> dict:
+    model_sharded = model_sharded_state(model_chunks)
+    metadata = {"distrib_optim_sharding_type": DISTRIBUTED_OPTIMIZER_SHARDING}
+    return {"model": model_sharded,
+            "optimizer": optimizer.sharded_state_dict(model_sharded, is_loading=is_loading,
+                                                      metadata=metadata)}
 
 
 def rng_state() -> dict:
@@ -88,8 +87,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, train_state: dict) -> Path:
+def save_checkpoint(root: Path, step: int, model_chunks: list, optimizer, train_state: dict) -> Path:
     root = Path(root)
     final = root / f"step_{step:07d}"
     tmp = root / f"step_{step:07d}.tmp"
@@ -98,12 +96,12 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(sharded_state(model, optimizer), str(tmp))
+    dist_checkpointing.save(sharded_state(model_chunks, optimizer, is_loading=False), str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
-        state = dict(train_state, step=step, optimizer_step=step)
+        state = dict(train_state, step=step, checkpoint_format=CHECKPOINT_FORMAT)
         write_text_atomic(tmp / TRAIN_STATE, json.dumps(state, indent=2, sort_keys=True))
         if final.exists():
             shutil.rmtree(final)
@@ -129,21 +127,62 @@ def find_latest(root: Path) -> Path | None:
     return max(complete, key=lambda path: int(_STEP_DIR.match(path.name).group(1)), default=None)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def _load_chunk_states(model_chunks: list, loaded_model: dict) -> None:
+    if len(model_chunks) == 1:
+        model_chunks[0].load_state_dict(loaded_model, strict=True)
+        return
+    for index, chunk in enumerate(model_chunks):
+        chunk.load_state_dict(loaded_model[f"chunk{index}"], strict=True)
+
+
+def _restore_adam_steps(optimizer, step: int) -> None:
+    """torch AdamW keeps one `step` tensor per parameter (its bias correction). megatron's
+    distributed optimizer, without TE/apex, restores it as a single value shared by all
+    parameters (AdamW would then advance it once per parameter) or not at all. One update per
+    training step, so every parameter's count is the training step: set it, one tensor each."""
+    inner = optimizer.chained_optimizers if hasattr(optimizer, "chained_optimizers") else [optimizer]
+    for chained in inner:
+        if chained.optimizer is None:
+            continue
+        for state in chained.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def load_checkpoint(path: Path, model_chunks: list, optimizer) -> dict:
     path = Path(path)
     if not is_complete(path):
         raise UserError(f"{path} is not a complete checkpoint (no {TRAIN_STATE}); "
                         "pass another directory to train.resume or use train.resume=auto")
     train_state = json.loads((path / TRAIN_STATE).read_text())
-    ensure_optimizer_state(optimizer)
-    loaded = dist_checkpointing.load(sharded_state(model, optimizer), str(path))
-    model.load_state_dict(loaded["model"], strict=True)
-    optim_state = loaded["optimizer"]
-    step_value = torch.tensor(float(train_state["optimizer_step"]))
-    for param_state in optim_state["state"].values():
-        param_state["step"] = step_value.clone()
-    optimizer.load_state_dict(optim_state)
+    if train_state.get("checkpoint_format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} was written by an older megatron-grouter trainer (torch AdamW "
+                        "optimizer state, before megatron-core's optimizer); start a new run "
+                        "(train.resume=none or another train.out_dir)")
+    # The distributed optimizer loads into existing Adam state: create it (a zero-lr step would
+    # move weights through weight decay; megatron's own init_state_fn only allocates).
+    with torch.no_grad():
+        _allocate_optimizer_state(optimizer)
+        loaded = dist_checkpointing.load(sharded_state(model_chunks, optimizer, is_loading=True),
+                                         str(path))
+        _load_chunk_states(model_chunks, loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer, int(train_state["step"]))
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return train_state
+
+
+def _allocate_optimizer_state(optimizer) -> None:
+    inner = optimizer.chained_optimizers if hasattr(optimizer, "chained_optimizers") else [optimizer]
+    for chained in inner:
+        if chained.optimizer is None:
+            continue
+        for group in chained.optimizer.param_groups:
+            for param in group["params"]:
+                state = chained.optimizer.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)

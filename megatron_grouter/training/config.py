@@ -98,12 +98,16 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     tensor: int = 1
-    pipeline: int = 1
+    pipeline: int = 1  # pipeline stages (megatron's 1F1B schedule when > 1)
+    virtual_pipeline: Optional[int] = None  # model chunks per stage: the interleaved 1F1B schedule
     expert: int = 1
     sequence_parallel: bool = False
     dispatcher: str = "allgather"  # allgather | alltoall (CUDA) | planned (dispatch/)
     verify_dispatch_plan: bool = False  # planned: check the plan against each layer's routing
     ranks_per_node: int = 8  # EP ranks per node, for the ep/*_node traffic metrics
+    distributed_optimizer: bool = False  # shard fp32 main params + Adam state over DP (ZeRO-1)
+    overlap_grad_reduce: bool = False  # CUDA: reduce grad buckets during backward
+    overlap_param_gather: bool = False  # CUDA, distributed optimizer: gather params during forward
 
 
 @dataclass
@@ -126,7 +130,9 @@ class TrainConfig:
     save_interval: int = 0  # 0: only at the end
     out_dir: str = "outputs/run"
     resume: str = "auto"  # auto | none | <checkpoint dir>
-    bf16: bool = False
+    bf16: bool = False  # bf16 params and activations (megatron's mixed-precision optimizer)
+    fp32_main_params: bool = True  # with bf16: fp32 master weights and Adam moments
+    recompute: str = "none"  # none | selective (core attention) | full (every layer)
     max_steps_this_run: Optional[int] = None  # stop early (keeps the schedule of `steps`)
 
 
@@ -158,6 +164,54 @@ def register_schema() -> None:
 
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "sinkhorn", "none")
 DISPATCHERS = ("allgather", "alltoall", "planned")
+RECOMPUTE = ("none", "selective", "full")
+
+
+def validate_step_machinery(root: "RootConfig", num_microbatches: int) -> None:
+    """The pipeline, optimizer and recomputation settings megatron-core can run as given."""
+    import torch
+
+    model, parallel, train = root.model, root.parallel, root.train
+    cuda = torch.cuda.is_available()
+    chunks = parallel.virtual_pipeline or 1
+    if parallel.virtual_pipeline is not None:
+        if parallel.pipeline < 2 or parallel.virtual_pipeline < 2:
+            raise UserError(f"parallel.virtual_pipeline={parallel.virtual_pipeline} interleaves "
+                            "≥ 2 model chunks over ≥ 2 stages; set parallel.pipeline ≥ 2 and "
+                            "virtual_pipeline ≥ 2, or virtual_pipeline=null")
+        if num_microbatches % parallel.pipeline:
+            raise UserError(f"the interleaved schedule needs micro-batches per step "
+                            f"({num_microbatches}) divisible by parallel.pipeline={parallel.pipeline}; "
+                            "change train.global_batch_size or train.micro_batch_size")
+    if model.num_layers % (parallel.pipeline * chunks):
+        raise UserError(f"model.num_layers={model.num_layers} does not split into "
+                        f"parallel.pipeline×virtual_pipeline={parallel.pipeline * chunks} equal "
+                        "chunks; change the layer count or the pipeline sizes")
+    layers_per_chunk = model.num_layers // (parallel.pipeline * chunks)
+    if parallel.pipeline > 1 and model.first_dense_layers >= layers_per_chunk:
+        raise UserError(f"model.first_dense_layers={model.first_dense_layers} leaves the first "
+                        f"pipeline chunk ({layers_per_chunk} layers) without an MoE layer; use fewer "
+                        "dense layers or fewer pipeline stages")
+    if (parallel.overlap_grad_reduce or parallel.overlap_param_gather) and not cuda:
+        raise UserError("parallel.overlap_grad_reduce / overlap_param_gather overlap communication "
+                        "on CUDA streams; without CUDA set them to false")
+    if parallel.overlap_param_gather and not (parallel.distributed_optimizer
+                                              and parallel.overlap_grad_reduce):
+        raise UserError("parallel.overlap_param_gather needs parallel.distributed_optimizer=true and "
+                        "parallel.overlap_grad_reduce=true")
+    if train.bf16 and not train.fp32_main_params:
+        raise UserError("train.fp32_main_params=false (bf16 master weights) needs Transformer "
+                        "Engine's precision-aware FusedAdam, which this build does not wire; keep "
+                        "train.fp32_main_params=true with train.bf16")
+    if train.recompute not in RECOMPUTE:
+        raise UserError(f"train.recompute={train.recompute!r} is unknown; choose one of "
+                        f"{', '.join(RECOMPUTE)}")
+    from megatron_grouter.routing.registry import router_kind
+
+    if train.recompute == "full" and router_kind(root.router.type).preemptive:
+        raise UserError(f"train.recompute=full re-runs each layer in backward, after the routing "
+                        f"of its micro-batch is gone; router={root.router.name} routes preemptively: "
+                        "use train.recompute=selective or none")
 
 
 def validate_dispatcher(parallel: ParallelConfig) -> None:
@@ -236,6 +290,7 @@ def validate(root: RootConfig, world_size: int, tokenizer_vocab: int | None = No
             raise UserError("parallel.tensor > 1 with MoE needs sequence parallelism, which megatron-core's "
                             "local (non-TE) norms do not support; use parallel.tensor=1 without CUDA+TE")
     validate_dispatcher(parallel)
+    validate_step_machinery(root, train.global_batch_size // (train.micro_batch_size * data_parallel))
     if parallel.sequence_parallel and parallel.tensor == 1:
         raise UserError("parallel.sequence_parallel needs parallel.tensor > 1")
     if tokenizer_vocab is not None and model.vocab_size is not None and tokenizer_vocab > model.vocab_size:

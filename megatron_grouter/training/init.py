@@ -30,6 +30,22 @@ def global_parameter_name(name: str, num_local_experts: int, expert_rank: int,
     return _LOCAL_EXPERT.sub(to_global, name)
 
 
+_LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def global_layer_name(name: str, model: torch.nn.Module) -> str:
+    """A pipeline stage numbers its layers from 0; name each by its place in the whole model.
+    The last stage's tied output weight is the embedding (megatron syncs the two)."""
+    decoder = getattr(model, "decoder", None)
+    match = _LOCAL_LAYER.match(name)
+    if match and decoder is not None:
+        layer = decoder.layers[int(match.group(1))]
+        return f"decoder.layers.{layer.layer_number - 1}." + name[match.end():]
+    if name == "output_layer.weight" and getattr(model, "share_embeddings_and_output_weights", False):
+        return "embedding.word_embeddings.weight"
+    return name
+
+
 def _full_tensor(shape: tuple[int, ...], std: float, seed: int, name: str) -> torch.Tensor:
     generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
     return torch.randn(shape, generator=generator) * std
@@ -50,7 +66,8 @@ def layout_invariant_init(model: torch.nn.Module, seed: int, std: float, num_lay
         if param.dim() < 2:
             continue
         name = name.removeprefix("module.")
-        global_name = global_parameter_name(name, num_local_experts, expert_rank, expert_of_slot)
+        global_name = global_parameter_name(global_layer_name(name, model), num_local_experts,
+                                            expert_rank, expert_of_slot)
         full_shape = list(param.shape)
         partition_dim = getattr(param, "partition_dim", -1)
         sharded = getattr(param, "tensor_model_parallel", False) and partition_dim >= 0

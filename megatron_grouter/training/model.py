@@ -8,6 +8,7 @@ routing/registry.py), plugged in through MoESubmodules.router.
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
@@ -39,8 +40,17 @@ def moe_layer_pattern(model: ModelConfig) -> list[int]:
     return [0 if index < model.first_dense_layers else 1 for index in range(model.num_layers)]
 
 
+def recompute_fields(recompute: str) -> dict:
+    """train.recompute → megatron's activation-recomputation settings."""
+    if recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if recompute == "selective":
+        return dict(recompute_granularity="selective")
+    return {}
+
+
 def transformer_config(model: ModelConfig, router: RouterConfig, parallel: ParallelConfig,
-                       bf16: bool = False) -> TransformerConfig:
+                       bf16: bool = False, recompute: str = "none") -> TransformerConfig:
     cuda = torch.cuda.is_available()
     mla_fields = {}
     config_class = TransformerConfig
@@ -76,6 +86,8 @@ def transformer_config(model: ModelConfig, router: RouterConfig, parallel: Paral
         moe_grouped_gemm=False,
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         expert_model_parallel_size=parallel.expert,
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=not cuda,
@@ -87,15 +99,17 @@ def transformer_config(model: ModelConfig, router: RouterConfig, parallel: Paral
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         **mla_fields,
+        **recompute_fields(recompute),
         **router_kind(router.type).config_fields(router),
     )
 
 
 def layer_spec(config: TransformerConfig, router: RouterConfig, context: RoutingContext,
-               slot_of_expert: torch.Tensor | None = None):
-    """The decoder block spec, with our router in every MoE layer."""
+               slot_of_expert: torch.Tensor | None = None, vp_stage: int | None = None):
+    """The decoder block spec of this pipeline stage (and virtual stage), with our router in
+    every MoE layer."""
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=transformer_engine_available(),
-                                      normalization="RMSNorm")
+                                      normalization="RMSNorm", vp_stage=vp_stage)
     router_builder = router_kind(router.type).builder(router, context, slot_of_expert)
     for layer in spec.layer_specs:
         mlp = layer.submodules.mlp
@@ -107,24 +121,46 @@ def layer_spec(config: TransformerConfig, router: RouterConfig, context: Routing
 def build_gpt_model(model: ModelConfig, router: RouterConfig, parallel: ParallelConfig,
                     vocab_size: int, bf16: bool = False, context: RoutingContext | None = None,
                     slot_of_expert: torch.Tensor | None = None,
-                    dispatch_context: DispatchContext | None = None) -> GPTModel:
-    """GPTModel whose preemptive routers (if any) read their routing from `context`; with
-    `parallel.dispatcher=planned` its dispatchers read their plans from `dispatch_context`."""
-    config = transformer_config(model, router, parallel, bf16=bf16)
+                    dispatch_context: DispatchContext | None = None, recompute: str = "none",
+                    vp_stage: int | None = None) -> GPTModel:
+    """This rank's GPTModel (its pipeline stage, or one virtual stage of it), whose preemptive
+    routers (if any) read their routing from `context`; with `parallel.dispatcher=planned` its
+    dispatchers read their plans from `dispatch_context`."""
+    config = transformer_config(model, router, parallel, bf16=bf16, recompute=recompute)
     context = context or RoutingContext(sequence_parallel=parallel.sequence_parallel)
+    virtual = parallel.virtual_pipeline is not None
     gpt_model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config, router, context, slot_of_expert),
+        transformer_layer_spec=layer_spec(config, router, context, slot_of_expert, vp_stage),
         vocab_size=vocab_size,
         max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=not virtual, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=not virtual, vp_stage=vp_stage),
         share_embeddings_and_output_weights=not model.untie_embeddings,
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
+        vp_stage=vp_stage,
     )
     if parallel.dispatcher == "planned":
         install_planned_dispatchers(gpt_model, dispatch_context or DispatchContext())
     return gpt_model
 
 
-def moe_layers(gpt_model: torch.nn.Module) -> list[MoELayer]:
-    return [module for module in gpt_model.modules() if isinstance(module, MoELayer)]
+def build_model_chunks(model: ModelConfig, router: RouterConfig, parallel: ParallelConfig,
+                       vocab_size: int, **kwargs) -> list[GPTModel]:
+    """One GPTModel per virtual pipeline stage of this rank (one chunk without interleaving)."""
+    if parallel.virtual_pipeline is None:
+        return [build_gpt_model(model, router, parallel, vocab_size, **kwargs)]
+    return [build_gpt_model(model, router, parallel, vocab_size, vp_stage=stage, **kwargs)
+            for stage in range(parallel.virtual_pipeline)]
+
+
+def moe_layers(gpt_model: torch.nn.Module | list) -> list[MoELayer]:
+    """This rank's MoE layers, in model order (over all chunks when given a list)."""
+    chunks = gpt_model if isinstance(gpt_model, (list, tuple)) else [gpt_model]
+    return [module for chunk in chunks for module in chunk.modules() if isinstance(module, MoELayer)]
+
+
+def global_moe_index(layer: MoELayer, pattern: list[int]) -> int:
+    """The index of an MoE layer among all MoE layers of the whole model (every stage)."""
+    return sum(pattern[:layer.layer_number - 1])

@@ -1,7 +1,9 @@
 """Per-layer MoE statistics for a training step: load, MaxVioGlobal, auxiliary losses.
 
 Loads come from each router's LoadMeter (this rank's tokens) and are summed over the
-data-parallel group, so they describe the whole global batch. The same numbers are logged for
+data-parallel group, so they describe the whole global batch; under pipeline parallelism each
+stage holds only its own layers, so per-layer rows are placed at their global MoE index and
+summed over the pipeline group too. The same numbers are logged for
 every router, learned or fixed: a fixed router has nothing to back-propagate, but its load is
 still the truth about balance.
 """
@@ -23,26 +25,67 @@ def max_violation(load_E: torch.Tensor) -> float:
     return float((load_E.float().max() - mean) / mean)
 
 
-def _data_parallel_sum(tensor: torch.Tensor) -> torch.Tensor:
+def _pipeline_parallel() -> bool:
+    return dist.is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() > 1
+
+
+def _global_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the pipeline stages (each holds its own layers) and the data-parallel ranks."""
     if dist.is_initialized():
+        if _pipeline_parallel():
+            dist.all_reduce(tensor, group=parallel_state.get_pipeline_model_parallel_group())
         dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
     return tensor
 
 
-def collect_layer_loads(moe_layers: list) -> torch.Tensor:
-    """[num_moe_layers, E] token counts of the step over the global batch; resets the meters."""
-    loads_LE = torch.stack([layer.router.load_meter.take() for layer in moe_layers])
-    return _data_parallel_sum(loads_LE)
+def _metric_device() -> torch.device:
+    """Where reduced statistics live: the current GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def collect_aux_losses(num_microbatches: int) -> dict[str, float]:
-    """Mean over layers of each tracked auxiliary loss (megatron's tracker), averaged over DP."""
+def _by_global_layer(rows: list[torch.Tensor], moe_layers: list, pattern: list[int] | None,
+                     width: int) -> torch.Tensor:
+    """[all MoE layers of the model, width], this stage's rows in their places, zeros elsewhere."""
+    if pattern is None:
+        return torch.stack(rows)
+    table = torch.zeros(sum(pattern), width, dtype=torch.float64, device=_metric_device())
+    for layer, row in zip(moe_layers, rows):
+        table[sum(pattern[:layer.layer_number - 1])] = row.to(table.device, torch.float64)
+    return table
+
+
+def collect_layer_loads(moe_layers: list, pattern: list[int] | None = None,
+                        num_experts: int | None = None) -> torch.Tensor:
+    """[num_moe_layers, E] token counts of the step over the global batch; resets the meters.
+    `pattern` (model.moe_layer_pattern) places each layer at its index in the whole model."""
+    rows = [layer.router.load_meter.take() for layer in moe_layers]
+    width = num_experts if num_experts is not None else rows[0].numel()
+    return _global_sum(_by_global_layer(rows, moe_layers, pattern, width))
+
+
+def _tracker_names() -> list[str]:
+    """Tracked loss names of every stage (a stage without MoE layers tracks none)."""
+    names = sorted(get_moe_layer_wise_logging_tracker())
+    if not _pipeline_parallel():
+        return names
+    gathered = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(gathered, names, group=parallel_state.get_pipeline_model_parallel_group())
+    return sorted({name for stage_names in gathered for name in stage_names})
+
+
+def collect_aux_losses(num_microbatches: int, num_layers: int | None = None) -> dict[str, float]:
+    """Mean over layers of each tracked auxiliary loss (megatron's tracker, one slot per layer of
+    the whole model: `num_layers`), over every pipeline stage, averaged over DP."""
     tracker = get_moe_layer_wise_logging_tracker()
     losses: dict[str, float] = {}
     data_parallel = parallel_state.get_data_parallel_world_size()
-    for name, entry in tracker.items():
-        values = entry["values"].detach().clone().float()
-        values = _data_parallel_sum(values) / (data_parallel * num_microbatches)
+    names = _tracker_names()
+    for name in names:
+        entry = tracker.get(name)
+        # megatron's tracker rows have one slot per layer of the whole model
+        values = (entry["values"].detach().clone().float() if entry is not None
+                  else torch.zeros(num_layers, device=_metric_device()))
+        values = _global_sum(values) / (data_parallel * num_microbatches)
         nonzero = values[values != 0]
         losses[name] = float(nonzero.mean()) if nonzero.numel() else 0.0
     clear_aux_losses_tracker()
@@ -61,9 +104,10 @@ def summarise_loads(loads_LE: torch.Tensor, num_tokens: int) -> dict[str, float]
     return summary
 
 
-def collect_routing_entropy(moe_layers: list) -> dict[str, float]:
+def collect_routing_entropy(moe_layers: list, pattern: list[int] | None = None) -> dict[str, float]:
     """Mean per-token routing entropy of each layer whose router meters one, over DP ranks."""
-    sums_L2 = _data_parallel_sum(torch.stack([layer.router.load_meter.take_entropy() for layer in moe_layers]))
+    rows = [layer.router.load_meter.take_entropy().double() for layer in moe_layers]
+    sums_L2 = _global_sum(_by_global_layer(rows, moe_layers, pattern, 2))
     if float(sums_L2[:, 1].sum()) == 0:
         return {}
     per_layer = (sums_L2[:, 0] / sums_L2[:, 1].clamp_min(1)).tolist()

@@ -1,8 +1,11 @@
-"""The training loop: micro-batches with gradient accumulation, validation, metrics, checkpoints.
+"""The training loop: megatron-core's step machinery, validation, metrics, checkpoints.
 
-One step = one global batch. Each data-parallel rank runs its micro-batches forward and backward
-through megatron's DistributedDataParallel (gradients land in `main_grad` and are all-reduced at
-the end of the step), then AdamW steps with the warmup+cosine learning rate.
+One step = one global batch: megatron's pipeline schedule runs this rank's micro-batches
+forward and backward through megatron's DistributedDataParallel chunks (training/step.py) and
+then calls `finalize_model_grads` (data/expert-parallel grad reduction, sequence-parallel norm
+and router grads over TP, tied-embedding grads over PP, the aux-loss-free expert-bias update);
+megatron's optimizer (mixed precision with fp32 main params, optionally distributed) clips by
+its global norm and steps with our warmup+cosine learning rate.
 """
 
 from __future__ import annotations
@@ -16,24 +19,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.transformer.moe.moe_utils import (MoEAuxLossAutoScaler,
-                                                     get_moe_layer_wise_logging_tracker)
+from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                       finalize_model_grads)
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
 from megatron_grouter.dispatch.context import DispatchContext
 from megatron_grouter.errors import UserError
 from megatron_grouter.routing.context import RoutingContext
-from megatron_grouter.runtime.distributed import ParallelLayout, all_reduce_host
+from megatron_grouter.runtime.distributed import ParallelLayout
 from megatron_grouter.training import checkpoint as ckpt
-from megatron_grouter.training.batches import MicroBatch, SequentialSchedule, micro_batches
+from megatron_grouter.training.batches import SequentialSchedule, micro_batches
 from megatron_grouter.training.config import RootConfig
 from megatron_grouter.training.init import layout_invariant_init
 from megatron_grouter.training.loggers import MetricsLogger
 from megatron_grouter.training.lr_schedule import learning_rate
-from megatron_grouter.training.model import build_gpt_model, moe_layers
+from megatron_grouter.training.model import build_model_chunks, moe_layer_pattern, moe_layers
 from megatron_grouter.training.moe_metrics import (collect_aux_losses, collect_layer_loads,
                                                    collect_routing_entropy, summarise_loads)
-from megatron_grouter.training.optimizer import build_adamw, optimizer_step
+from megatron_grouter.training.optimizer import apply_schedule, build_optimizer
+from megatron_grouter.training.step import ForwardStep, forward_backward
 
 log = logging.getLogger("megatron_grouter")
 
@@ -42,9 +47,34 @@ class NonFiniteLoss(UserError):
     pass
 
 
-def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
-    """[1, 1, s, s], True where attention is masked (megatron's convention)."""
-    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), 1)[None, None]
+def wrap_for_training(chunks: list, config: RootConfig) -> list[DistributedDataParallel]:
+    """bf16: megatron's Float16Module (casts inputs/outputs around the bf16 chunk); then one
+    DistributedDataParallel per chunk, gradients reduced in fp32 into `main_grad`."""
+    parallel = config.parallel
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=parallel.overlap_grad_reduce,
+        use_distributed_optimizer=parallel.distributed_optimizer,
+        overlap_param_gather=parallel.overlap_param_gather)
+    wrapped = []
+    for index, chunk in enumerate(chunks):
+        module = Float16Module(chunk.config, chunk) if config.train.bf16 else chunk
+        wrapped.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_config,
+                                               module=module, disable_bucketing=index > 0))
+    return wrapped
+
+
+def connect_schedule(chunks: list[DistributedDataParallel], optimizer, parallel) -> None:
+    """What megatron's schedules call back into: grad finalisation, loss scaling, and (with
+    overlap) the grad-sync controls of every chunk."""
+    for chunk in chunks:
+        config = chunk.config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = optimizer.scale_loss
+        if parallel.overlap_grad_reduce:
+            no_sync = [model.no_sync for model in chunks]
+            config.no_sync_func = no_sync[0] if len(chunks) == 1 else no_sync
+            grad_sync = [model.start_grad_sync for model in chunks]
+            config.grad_sync_func = grad_sync[0] if len(chunks) == 1 else grad_sync
 
 
 class Trainer:
@@ -70,27 +100,30 @@ class Trainer:
 
         self.routing_context = RoutingContext(sequence_parallel=config.parallel.sequence_parallel)
         self.dispatch_context = DispatchContext(verify=config.parallel.verify_dispatch_plan)
-        model = build_gpt_model(config.model, config.router, config.parallel, vocab_size,
-                                bf16=train.bf16, context=self.routing_context,
-                                slot_of_expert=slot_of_expert,
-                                dispatch_context=self.dispatch_context).to(layout.device)
-        # A permuted layout starts each Grouter expert from the same weights as the identity one.
-        layout_invariant_init(model, train.seed, config.model.init_method_std,
-                              config.model.num_layers, config.model.num_experts,
-                              expert_of_slot=None if slot_of_expert is None
-                              else torch.argsort(slot_of_expert).tolist())
-        self.model = model
-        self.ddp = DistributedDataParallel(
-            config=model.config,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                     overlap_grad_reduce=False,
-                                                     use_distributed_optimizer=False),
-            module=model)
-        self.optimizer = build_adamw(model, train)
-        self.moe_layers = moe_layers(model)
+        chunks = build_model_chunks(config.model, config.router, config.parallel, vocab_size,
+                                    bf16=train.bf16, context=self.routing_context,
+                                    slot_of_expert=slot_of_expert,
+                                    dispatch_context=self.dispatch_context,
+                                    recompute=train.recompute)
+        for chunk in chunks:
+            chunk.to(layout.device)
+            # A permuted layout starts each Grouter expert from the same weights as the identity
+            # one, and any TP/EP/PP layout from the same weights as one process.
+            layout_invariant_init(chunk, train.seed, config.model.init_method_std,
+                                  config.model.num_layers, config.model.num_experts,
+                                  expert_of_slot=None if slot_of_expert is None
+                                  else torch.argsort(slot_of_expert).tolist())
+        self.model = chunks[0]
+        self.raw_chunks = chunks  # unwrapped: what checkpoints hold
+        self.model_chunks = wrap_for_training(chunks, config)
+        self.optimizer = build_optimizer(self.model_chunks, train, config.parallel)
+        connect_schedule(self.model_chunks, self.optimizer, config.parallel)
+        self.moe_layers = moe_layers(chunks)
+        self.moe_pattern = moe_layer_pattern(config.model)
         # megatron's aux-loss tracker is process-global; a new model starts with an empty one.
         get_moe_layer_wise_logging_tracker().clear()
-        self.mask = causal_mask(train.seq_length, layout.device)
+        self.forward_step = ForwardStep(self, layout.device, train.seq_length)
+        self._training = False
         self.step = 0
         self.tokens_seen = 0
         self.metrics = MetricsLogger(config.logger, self.out_dir, layout.is_main,
@@ -99,79 +132,85 @@ class Trainer:
     @property
     def training(self) -> bool:
         """True inside a training step, False during evaluation (hooks ask this)."""
-        return self.ddp.training
+        return self._training
+
+    def set_mode(self, training: bool) -> None:
+        self._training = training
+        for chunk in self.model_chunks:
+            chunk.train(training)
 
     # ----------------------------------------------------------------- forward/backward
-    def micro_batch_loss(self, batch: MicroBatch) -> torch.Tensor:
-        for hook in self.hooks:
-            hook.before_forward(self, batch)
-        token_loss_BS = self.ddp(batch.tokens_BS, batch.position_ids_BS, self.mask,
-                                 labels=batch.labels_BS)
-        for hook in self.hooks:
-            hook.after_forward(self, batch)
-        return (token_loss_BS.float() * batch.loss_mask_BS).sum() / batch.loss_mask_BS.sum()
-
     def train_step(self) -> dict:
         train = self.config.train
-        self.ddp.train()
-        self.ddp.zero_grad_buffer()
-        scale = 1.0 / self.num_microbatches
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(scale, device=self.layout.device))
+        self.set_mode(True)
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
         batches = micro_batches(self.train_dataset,
                                 self.schedule.rank_sample_ids(self.step, self.dp_rank),
                                 train.micro_batch_size)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for batch in batches:
-            loss = self.micro_batch_loss(batch.to(self.layout.device))
-            (loss * scale).backward()
-            loss_sum += loss.detach().double().cpu()
-        self.ddp.finish_grad_sync()
-        loss_value = self.data_parallel_mean(loss_sum / len(batches))
+        loss_sum = forward_backward(self.forward_step, self.model_chunks, batches,
+                                    train.seq_length, train.micro_batch_size, forward_only=False)
+        loss_value = self.global_mean(loss_sum, len(batches))
         if not math.isfinite(loss_value):
             last = ckpt.find_latest(self.checkpoint_root)
             raise NonFiniteLoss(f"loss became {loss_value} at step {self.step + 1}; last good "
                                 f"checkpoint: {last or 'none'}; lower train.lr or resume from it")
         lr = learning_rate(self.step, train.lr, train.min_lr, train.warmup_steps, train.steps)
-        grad_norm = optimizer_step(self.optimizer, lr, train.clip_grad)
-        loads_LE = collect_layer_loads(self.moe_layers)
-        stats = {"loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                 **summarise_loads(loads_LE, train.global_batch_size * train.seq_length), **{f"moe/{name}": value for name, value
-                                                 in collect_aux_losses(self.num_microbatches).items()}}
-        stats.update(collect_routing_entropy(self.moe_layers))
+        apply_schedule(self.optimizer, lr, train.weight_decay)
+        _, grad_norm, _ = self.optimizer.step()
+        loads_LE = collect_layer_loads(self.moe_layers, self.moe_pattern,
+                                       self.config.model.num_experts)
+        stats = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm or 0.0),
+                 **summarise_loads(loads_LE, train.global_batch_size * train.seq_length),
+                 **{f"moe/{name}": value for name, value
+                    in collect_aux_losses(self.num_microbatches,
+                                                          self.config.model.num_layers).items()}}
+        stats.update(collect_routing_entropy(self.moe_layers, self.moe_pattern))
         for hook in self.hooks:
             stats.update(hook.step_metrics(self) or {})
         return stats
 
-    def data_parallel_mean(self, value: torch.Tensor) -> float:
-        value = all_reduce_host(value.clone().double(), group=parallel_state.get_data_parallel_group())
-        return float(value) / self.dp_size
+    def global_mean(self, loss_sum: torch.Tensor, num_batches: int) -> float:
+        """Mean micro-batch loss over the global batch: the last pipeline stage holds the sum
+        (others hold zero), data-parallel ranks hold their share."""
+        total = loss_sum.detach().double().clone()
+        if dist.is_initialized():
+            if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+                dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        return float(total) / (num_batches * self.dp_size)
 
     @torch.no_grad()
     def evaluate(self) -> float:
         train = self.config.train
-        self.ddp.eval()
-        total = torch.zeros((), dtype=torch.float64)
+        self.set_mode(False)
+        total = torch.zeros((), dtype=torch.float64, device=self.layout.device)
         for index in range(train.eval_iters):
-            for batch in micro_batches(self.valid_dataset,
-                                       self.valid_schedule.rank_sample_ids(index, self.dp_rank),
-                                       train.micro_batch_size):
-                total += self.micro_batch_loss(batch.to(self.layout.device)).double().cpu()
+            batches = micro_batches(self.valid_dataset,
+                                    self.valid_schedule.rank_sample_ids(index, self.dp_rank),
+                                    train.micro_batch_size)
+            total += forward_backward(self.forward_step, self.model_chunks, batches,
+                                      train.seq_length, train.micro_batch_size,
+                                      forward_only=True).double()
         for layer in self.moe_layers:  # evaluation traffic is not training load
             layer.router.load_meter.take()
             layer.router.load_meter.take_entropy()
-        collect_aux_losses(1)
-        return self.data_parallel_mean(total / (train.eval_iters * self.num_microbatches))
+        collect_aux_losses(1, self.config.model.num_layers)
+        return self.global_mean(total, train.eval_iters * self.num_microbatches)
 
     # ----------------------------------------------------------------- checkpoints
     def train_state(self) -> dict:
         return {"tokens_seen": self.tokens_seen, "world_size": self.layout.world_size,
                 "config": asdict(self.config), "vocab_size": self.vocab_size,
                 "expert_parallel": self.layout.expert_parallel,
-                "tensor_parallel": self.layout.tensor_parallel}
+                "tensor_parallel": self.layout.tensor_parallel,
+                "pipeline_parallel": self.layout.pipeline_parallel}
 
     def save(self) -> None:
-        path = ckpt.save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer,
-                                    self.train_state())
+        self.sync_params()
+        path = ckpt.save_checkpoint(self.checkpoint_root, self.step, self.raw_chunks,
+                                    self.optimizer, self.train_state())
         log.info("saved checkpoint %s", path)
 
     def maybe_resume(self) -> None:
@@ -183,10 +222,17 @@ class Trainer:
             return
         if not path.exists():
             raise UserError(f"train.resume={resume} does not exist; use train.resume=auto or none")
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        state = ckpt.load_checkpoint(path, self.raw_chunks, self.optimizer)
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         log.info("resumed from %s at step %d", path, self.step)
+
+    def sync_params(self) -> None:
+        """With overlap_param_gather the optimizer's updated shards reach the model only at
+        the next forward; gather them now (before a checkpoint or an evaluation)."""
+        if self.config.parallel.overlap_param_gather:
+            for chunk in self.model_chunks:
+                chunk.start_param_sync(force_sync=True)
 
     # ----------------------------------------------------------------- loop
     def run(self) -> dict:
@@ -218,6 +264,7 @@ class Trainer:
                 window_start, window_tokens = time.perf_counter(), 0
             if train.eval_interval > 0 and (self.step % train.eval_interval == 0
                                             or self.step == train.steps):
+                self.sync_params()
                 summary["val_loss"] = self.evaluate()
                 self.log_eval(summary["val_loss"])
             if train.save_interval > 0 and self.step % train.save_interval == 0:
