@@ -126,6 +126,16 @@ def _with_cpu_tensors_named_as_cuda(function):
     return wrapped
 
 
+class _HostStream(torch.cpu.Stream):
+    """torch.cpu's no-op stream, whose record_event returns an event (torch.cpu's returns None;
+    the all-to-all dispatcher synchronises on it)."""
+
+    def record_event(self, event=None):
+        event = event or torch.cpu.Event()
+        event.record()
+        return event
+
+
 def _move_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
     """moe_utils.maybe_move_tensor_to_cpu, for tensors that already live on the CPU: the
     all-to-all dispatcher expects numpy split sizes back either way."""
@@ -156,7 +166,7 @@ def _answer_optimizer_and_schedule_assumptions() -> None:
     core_optimizer.clip_grad_by_total_norm_fp32 = clipping
     # 7. The all-to-all dispatcher copies split sizes on a side CUDA stream; torch.cpu has
     #    no-op streams with the same interface.
-    torch.cuda.Stream = torch.cpu.Stream
+    torch.cuda.Stream = _HostStream
     torch.cuda.current_stream = torch.cpu.current_stream
     torch.cuda.stream = torch.cpu.stream
     # 8. ...and turns only CUDA tensors into numpy split sizes.

@@ -114,3 +114,26 @@ def collect_routing_entropy(moe_layers: list, pattern: list[int] | None = None) 
     summary = {"moe/subset_entropy": sum(per_layer) / len(per_layer)}
     summary.update({f"moe/subset_entropy_layer{index}": value for index, value in enumerate(per_layer)})
     return summary
+
+
+def expert_biases(moe_layers: list) -> list[torch.Tensor]:
+    """Copies of the aux-loss-free selection biases (empty for routers without one)."""
+    return [layer.router.expert_bias.detach().clone() for layer in moe_layers
+            if getattr(layer.router, "expert_bias", None) is not None]
+
+
+def expert_bias_metrics(before: list[torch.Tensor], moe_layers: list) -> dict[str, float]:
+    """How far megatron's bias update (in finalize_model_grads) moved the biases this step, and
+    their size: an aux-loss-free baseline whose bias does not move does not balance."""
+    after = expert_biases(moe_layers)
+    if not after:
+        return {}
+    sums = torch.stack([
+        torch.stack([(new - old).abs().sum() for old, new in zip(before, after)]).sum().double(),
+        torch.stack([new.abs().sum() for new in after]).sum().double(),
+        torch.tensor(float(sum(new.numel() for new in after)), dtype=torch.float64,
+                     device=after[0].device)]).to(_metric_device())
+    if _pipeline_parallel():
+        dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
+    change, size, count = (float(value) for value in sums)
+    return {"moe/expert_bias_change": change / count, "moe/expert_bias_abs": size / count}

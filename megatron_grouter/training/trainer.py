@@ -36,7 +36,8 @@ from megatron_grouter.training.loggers import MetricsLogger
 from megatron_grouter.training.lr_schedule import learning_rate
 from megatron_grouter.training.model import build_model_chunks, moe_layer_pattern, moe_layers
 from megatron_grouter.training.moe_metrics import (collect_aux_losses, collect_layer_loads,
-                                                   collect_routing_entropy, summarise_loads)
+                                                   collect_routing_entropy, expert_bias_metrics,
+                                                   expert_biases, summarise_loads)
 from megatron_grouter.training.optimizer import apply_schedule, build_optimizer
 from megatron_grouter.training.step import ForwardStep, forward_backward
 
@@ -149,6 +150,7 @@ class Trainer:
         batches = micro_batches(self.train_dataset,
                                 self.schedule.rank_sample_ids(self.step, self.dp_rank),
                                 train.micro_batch_size)
+        biases_before = expert_biases(self.moe_layers)
         loss_sum = forward_backward(self.forward_step, self.model_chunks, batches,
                                     train.seq_length, train.micro_batch_size, forward_only=False)
         loss_value = self.global_mean(loss_sum, len(batches))
@@ -167,6 +169,7 @@ class Trainer:
                     in collect_aux_losses(self.num_microbatches,
                                                           self.config.model.num_layers).items()}}
         stats.update(collect_routing_entropy(self.moe_layers, self.moe_pattern))
+        stats.update(expert_bias_metrics(biases_before, self.moe_layers))
         for hook in self.hooks:
             stats.update(hook.step_metrics(self) or {})
         return stats
