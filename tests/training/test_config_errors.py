@@ -23,6 +23,17 @@ def config(*overrides):
     (["train.global_batch_size=12"], 1, "global_batch_size=12"),
     (["router.load_balancing_type=magic"], 1, "load_balancing_type"),
     (["model.first_dense_layers=4"], 1, "first_dense_layers"),
+    # step machinery: what megatron-core cannot run as given is refused, never run wrong
+    (["parallel.tensor=2"], 2, "parallel.tensor > 1"),
+    (["parallel.pipeline=3"], 3, "model.num_layers=4"),
+    (["parallel.virtual_pipeline=2"], 1, "parallel.virtual_pipeline=2"),
+    (["parallel.pipeline=2", "parallel.virtual_pipeline=2", "train.micro_batch_size=16"], 2,
+     "divisible by parallel.pipeline=2"),
+    (["parallel.pipeline=2", "model.first_dense_layers=2"], 2, "without an MoE layer"),
+    (["parallel.overlap_grad_reduce=true"], 1, "CUDA streams"),
+    (["train.bf16=true", "train.fp32_main_params=false"], 1, "fp32_main_params=false"),
+    (["train.recompute=sometimes"], 1, "train.recompute='sometimes'"),
+    (["router=grouter_fixed", "train.recompute=full"], 1, "train.recompute=full"),
 ])
 def test_validation_errors_are_one_line(overrides, world, needle):
     with pytest.raises(UserError) as error:
