@@ -38,7 +38,8 @@ from megatron_grouter.training.model import build_model_chunks, moe_layer_patter
 from megatron_grouter.training.moe_metrics import (collect_aux_losses, collect_layer_loads,
                                                    collect_routing_entropy, expert_bias_metrics,
                                                    expert_biases, summarise_loads)
-from megatron_grouter.training.optimizer import apply_schedule, build_optimizer
+from megatron_grouter.training.optimizer import (apply_schedule, build_optimizer,
+                                                 optimizer_state_bytes)
 from megatron_grouter.training.step import ForwardStep, forward_backward
 
 log = logging.getLogger("megatron_grouter")
@@ -170,6 +171,8 @@ class Trainer:
                                                           self.config.model.num_layers).items()}}
         stats.update(collect_routing_entropy(self.moe_layers, self.moe_pattern))
         stats.update(expert_bias_metrics(biases_before, self.moe_layers))
+        if self.step == 0:  # Adam state exists after the first update; its size never changes
+            stats["optimizer/state_bytes_rank0"] = optimizer_state_bytes(self.optimizer)
         for hook in self.hooks:
             stats.update(hook.step_metrics(self) or {})
         return stats
