@@ -121,3 +121,18 @@ def test_interleaved_pipeline_matches_one_stage(stdlib_data, tmp_path):
         # Loads and aux losses of every layer reach the log, whichever stage holds the layer.
         assert two["moe/max_vio_layer3"] == pytest.approx(one["moe/max_vio_layer3"], rel=1e-4)
         assert two["moe/load_balancing_loss"] == pytest.approx(one["moe/load_balancing_loss"], rel=1e-4)
+
+
+def test_checkpoint_of_the_old_trainer_is_refused_in_one_line(stdlib_data, tmp_path):
+    import json
+
+    from megatron_grouter.errors import UserError
+
+    train_in_process(common(stdlib_data, tmp_path, 2, save_interval=2))
+    state_file = tmp_path / "checkpoints" / "step_0000002" / "train_state.json"
+    state = json.loads(state_file.read_text())
+    state.pop("checkpoint_format")  # what the torch-AdamW trainer wrote
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(UserError, match="older megatron-grouter trainer") as error:
+        train_in_process(common(stdlib_data, tmp_path, 4, resume="auto"))
+    assert "\n" not in str(error.value)
