@@ -98,6 +98,23 @@ def test_online_and_cached_routing_ignore_later_tokens(setup, causal, tmp_path):
         assert torch.equal(ours, theirs)
 
 
+def test_hash_routing_ignores_later_tokens():
+    from types import SimpleNamespace
+
+    from megatron_grouter.routing.sources import HashTableSource
+
+    generator = torch.Generator().manual_seed(0)
+    source = HashTableSource(torch.randint(0, NUM_EXPERTS, (500, TOPK), generator=generator))
+    tokens_BS = torch.randint(0, 500, (2, WINDOW), generator=generator)
+    changed_BS = tokens_BS.clone()
+    changed_BS[:, 30:] = torch.randint(0, 500, (2, WINDOW - 30), generator=generator)
+    before, after = source.routing_for(SimpleNamespace(tokens_BS=tokens_BS)), \
+        source.routing_for(SimpleNamespace(tokens_BS=changed_BS))
+    assert torch.equal(before.indices_SBK[:30], after.indices_SBK[:30])
+    assert torch.equal(before.weights_SBK[:30], after.weights_SBK[:30])
+    assert not torch.equal(before.indices_SBK, after.indices_SBK)
+
+
 def routed(setup, causal: bool, out_dir: Path, source: str = "online", steps: int = 4, extra=()):
     data = setup["data"]
     return [f"data.prefix={data['prefix']}", f"data.tokenizer={data['tokenizer']}",
