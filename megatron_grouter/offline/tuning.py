@@ -152,18 +152,19 @@ def evaluate_balance(grouter, reference, batches, batch_size: int, max_tokens: i
 @torch.no_grad()
 def held_out_hidden(grouter, batches, batch_size: int, max_tokens: int,
                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """Final hidden states [T, H] (fp32) of this rank's share of the first held-out windows."""
+    """Final hidden states [T, H] (fp32, on `device`: the stop check reuses them) of this rank's
+    share of the first held-out windows."""
     from megatron_grouter.offline.affinity import window_row_batches
 
     rank, world_size = _world()
     max_windows = max(1, -(-int(max_tokens) // batches.windows.window))
-    hidden = [torch.zeros(0, grouter.config.hidden_size)]
+    hidden = [torch.zeros(0, grouter.config.hidden_size, device=device)]
     for rows in window_row_batches(len(batches), batch_size, rank, world_size, max_windows):
         if len(rows) == 0:
             continue
         tokens_BW, mask_BW = batches.gather(rows)
         mask_BW = mask_BW.to(device)
-        hidden.append(grouter.hidden_states(tokens_BW.to(device), mask_BW)[mask_BW].float().cpu())
+        hidden.append(grouter.hidden_states(tokens_BW.to(device), mask_BW)[mask_BW].float())
     return torch.cat(hidden)
 
 
