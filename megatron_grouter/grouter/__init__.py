@@ -1,7 +1,7 @@
 """The Grouter: a small token-id encoder that routes for every MoE layer, and its checkpoint format.
 
 config.py      GrouterConfig (architecture + routing rule)
-layers.py      RoPE, bidirectional attention, SwiGLU
+layers.py      RoPE, causal (default) or bidirectional attention, SwiGLU
 encoders.py    encoder stacks by name: "mha", "residual_linear"
 gating.py      logits -> top-k experts and gate weights
 network.py     Grouter (embedding -> encoder -> norm -> score), count_parameters

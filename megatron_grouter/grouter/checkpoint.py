@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -39,6 +40,8 @@ FORMAT = "megatron-grouter/grouter"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "model.safetensors"
+
+log = logging.getLogger("megatron_grouter")
 
 
 @dataclass
@@ -174,8 +177,14 @@ def grouter_fingerprint(directory: str | os.PathLike) -> str:
 def _header_config(path: Path, header: dict[str, Any]) -> GrouterConfig:
     if not isinstance(header.get("architecture"), dict):
         _bad(path, "has no architecture object in config.json")
+    architecture = header["architecture"]
+    if "causal" not in architecture:
+        # Written before GrouterConfig.causal existed: its MHA encoder had no causal mask.
+        architecture = {**architecture, "causal": False}
+        log.info("Grouter at %s predates the causal flag: loaded as bidirectional (causal=false), "
+                 "as it was trained", path)
     try:
-        config = GrouterConfig.from_dict(header["architecture"])
+        config = GrouterConfig.from_dict(architecture)
     except (UserError, TypeError) as error:
         raise UserError(f"Grouter at {path} has an invalid architecture: {error}") from None
     if header.get("num_experts") != config.num_experts:

@@ -35,6 +35,7 @@ class GrouterConfig:
     `topk`, `score_function` and `scaling_factor` describe how logits become routing
     (`Grouter.route`); the rest describe the network. `ffn_hidden_size=None` means
     `swiglu_ffn_size(hidden_size)` and is resolved at construction, so saved configs are explicit.
+    `sees_future_tokens` says whether a token's routing may depend on later tokens of its window.
     """
 
     vocab_size: int
@@ -45,6 +46,13 @@ class GrouterConfig:
     num_heads: int = 8
     ffn_hidden_size: int | None = None
     encoder: str = "mha"
+    # Causal: the routing of token t reads tokens <= t of its window only (the MHA encoder gets a
+    # causal mask), so a causal LM routed by it never sees the future. False: the paper's
+    # bidirectional encoder ("global receptive field"); mg-train refuses it for a causal LM unless
+    # router.grouter.allow_future_context=true. residual_linear scores each token from its own id,
+    # so it is causal by construction either way. Checkpoints written before this field existed
+    # load as causal=false (their encoder was bidirectional).
+    causal: bool = True
     use_positions: bool = True
     max_seq_length: int = 4096
     rope_base: float = 10000.0
@@ -68,6 +76,11 @@ class GrouterConfig:
     def num_groups(self) -> int:
         """Units that top-k chooses among: expert groups, or experts."""
         return self.num_experts if self.expert_groups is None else max(self.expert_groups) + 1
+
+    @property
+    def sees_future_tokens(self) -> bool:
+        """True when a token's routing can depend on tokens after it (bidirectional MHA encoder)."""
+        return not self.causal and self.encoder == "mha" and self.num_layers > 0
 
     @property
     def head_dim(self) -> int:
@@ -110,7 +123,7 @@ def _validate(config: GrouterConfig) -> None:
             raise UserError(f"Grouter config {name}={value!r} must be a positive integer")
     if not _is_int(config.num_layers) or config.num_layers < 0:
         raise UserError(f"Grouter config num_layers={config.num_layers!r} must be an integer >= 0")
-    for name in ("use_positions", "score_bias"):
+    for name in ("use_positions", "score_bias", "causal"):
         if not isinstance(getattr(config, name), bool):
             raise UserError(f"Grouter config {name}={getattr(config, name)!r} must be true or false")
     for name in ("rope_base", "norm_eps", "scaling_factor"):

@@ -1,9 +1,11 @@
 """The Grouter's encoder stacks, chosen by name (`GrouterConfig.encoder`).
 
-- "mha": pre-norm Transformer *encoder* blocks — RMSNorm, bidirectional multi-head attention
-  (RoPE unless positions are off), residual; RMSNorm, SwiGLU, residual. The paper's best variant.
+- "mha": pre-norm Transformer blocks — RMSNorm, multi-head attention (RoPE unless positions are
+  off), residual; RMSNorm, SwiGLU, residual. Causal attention by default (`GrouterConfig.causal`);
+  causal=false is the paper's bidirectional encoder, its best variant, which sees future tokens.
 - "residual_linear": the paper's attention-free ablation — RMSNorm, SwiGLU, residual. Each token
-  is scored from its own id only, so context never changes its routing.
+  is scored from its own id only, so context never changes its routing: causal by construction
+  (the `causal` flag changes nothing here).
 Every block takes (x_BSH, key_mask_B11S) so the stack is uniform.
 """
 
@@ -13,15 +15,15 @@ import torch
 from torch import nn
 
 from megatron_grouter.grouter.config import GrouterConfig
-from megatron_grouter.grouter.layers import BidirectionalSelfAttention, SwiGLU
+from megatron_grouter.grouter.layers import SelfAttention, SwiGLU
 
 
 class MHAEncoderBlock(nn.Module):
     def __init__(self, config: GrouterConfig, dtype: torch.dtype):
         super().__init__()
         self.attention_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps, dtype=dtype)
-        self.attention = BidirectionalSelfAttention(config.hidden_size, config.num_heads,
-                                                    config.use_positions, config.rope_base, dtype)
+        self.attention = SelfAttention(config.hidden_size, config.num_heads, config.use_positions,
+                                       config.rope_base, dtype, causal=config.causal)
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps, dtype=dtype)
         self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size, dtype)
 

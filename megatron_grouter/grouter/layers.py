@@ -1,8 +1,11 @@
-"""Building blocks of the Grouter encoder: rotary positions, bidirectional attention, SwiGLU.
+"""Building blocks of the Grouter encoder: rotary positions, self-attention, SwiGLU.
 
-Attention is an *encoder's*: every token sees every real token of its window, before and after it
-(no causal mask). Padding is excluded through a key mask only; padded positions still produce
-(meaningless, finite) outputs so that shapes stay [B, S, ...].
+Attention is causal by default: token t attends to the real tokens <= t of its window, so the
+routing of a causal LM's token never depends on later tokens (at generation time they do not
+exist). With causal=False it is an *encoder's* (the paper's): every token sees every real token
+of its window, before and after it. Padding is excluded through a key mask; padded positions
+still produce (meaningless, finite) outputs so that shapes stay [B, S, ...]. Every query may
+attend to itself, so no row of the mask is empty (no NaN), whatever the padding.
 """
 
 from __future__ import annotations
@@ -47,12 +50,29 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate_BSF) * up_BSF)
 
 
-class BidirectionalSelfAttention(nn.Module):
-    """Multi-head self-attention without a causal mask, optional RoPE, key padding mask."""
+def attention_mask(key_mask_B11S: torch.Tensor | None, seq: int, causal: bool,
+                   device: torch.device) -> torch.Tensor | None:
+    """Boolean mask (True = may attend) [B|1, 1, S, S]: key padding, causal if asked, self always.
+
+    Masked scores are -inf, so they add exact zeros to the softmax and to the weighted sum: with a
+    causal mask, changing tokens after t leaves token t's output bit-identical.
+    """
+    if not causal:
+        return key_mask_B11S
+    allowed_SS = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+    if key_mask_B11S is None:
+        return allowed_SS[None, None]
+    diagonal_SS = torch.eye(seq, dtype=torch.bool, device=device)
+    return (key_mask_B11S & allowed_SS) | diagonal_SS
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, causal or bidirectional, optional RoPE, key padding mask."""
 
     def __init__(self, hidden_size: int, num_heads: int, use_positions: bool, rope_base: float,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, causal: bool = True):
         super().__init__()
+        self.causal = causal
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.use_positions = use_positions
@@ -68,5 +88,6 @@ class BidirectionalSelfAttention(nn.Module):
             cos_SD, sin_SD = rotary_cos_sin(seq, self.head_dim, self.rope_base, x_BSH.device)
             q_BNSD = apply_rotary(q_BNSD, cos_SD, sin_SD)
             k_BNSD = apply_rotary(k_BNSD, cos_SD, sin_SD)
-        attended_BNSD = F.scaled_dot_product_attention(q_BNSD, k_BNSD, v_BNSD, attn_mask=key_mask_B11S)
+        mask_B1SS = attention_mask(key_mask_B11S, seq, self.causal, x_BSH.device)
+        attended_BNSD = F.scaled_dot_product_attention(q_BNSD, k_BNSD, v_BNSD, attn_mask=mask_B1SS)
         return self.out(attended_BNSD.transpose(1, 2).reshape(batch, seq, hidden))

@@ -217,7 +217,8 @@ def tune_settings(cfg: DictConfig):
 
     return TuneSettings(mode=cfg.mode, lr=cfg.lr, bias_rate=cfg.bias_rate, batch_size=cfg.batch_size,
                         max_tokens=cfg.max_tokens, target_max_vio=cfg.target_max_vio,
-                        check_interval=cfg.check_interval, eval_tokens=cfg.eval_tokens, seed=cfg.seed)
+                        check_interval=cfg.check_interval, eval_tokens=cfg.eval_tokens, seed=cfg.seed,
+                        kl_weight=cfg.kl_weight, stop_tokens=cfg.stop_tokens)
 
 
 def run_tune(cfg: DictConfig) -> dict:
@@ -237,12 +238,13 @@ def run_tune(cfg: DictConfig) -> dict:
                   "source_grouter_fingerprint": grouter_fingerprint(cfg.grouter)}
         out = _save(result.grouter, cfg.out, with_history_step(info.provenance, record),
                     info.tokenizer) if rank == 0 else None
-        log.info("tuned (%s) on %d tokens, %.0f tokens/s, stopped by %s: MaxVioGlobal %.3f → %.3f, "
-                 "top-k agreement with the untuned Grouter %.3f; saved to %s", settings.mode, result.tokens,
+        log.info("tuned (%s) on %d tokens, %.0f tokens/s, stopped by %s: held-out MaxVioGlobal %.3f → %.3f, "
+                 "top-k agreement with the untuned Grouter %.3f; saved to %s", settings.objective, result.tokens,
                  result.tokens_per_s, result.stopped_by, result.before["max_vio_global"],
                  result.after["max_vio_global"], result.after["topk_agreement"], out)
-        return {"grouter": str(out), "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,
-                "stopped_by": result.stopped_by, "before": result.before, "after": result.after}
+        return {"grouter": str(out), "objective": settings.objective, "tokens": result.tokens,
+                "tokens_per_s": result.tokens_per_s, "stopped_by": result.stopped_by,
+                "stop_max_vio": result.stop_max_vio, "before": result.before, "after": result.after}
     finally:
         if started:
             dist.destroy_process_group()

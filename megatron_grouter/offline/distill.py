@@ -6,6 +6,11 @@ same document windows as the student: caching its logits would cost 4·E bytes p
 for 128 experts; 1.3 TB for the paper's 2.6B tokens) while its truncated forward (layers up to
 the router only) is cheap next to that I/O. Data-parallel under torchrun; resumable; reports
 held-out KL, top-k overlap |topk(s) ∩ topk(t)|/k and exact top-k set match.
+
+The student is causal by default (grouter.causal=true: token t's routing reads tokens <= t of its
+window), though the teacher's router sees a causal LM's hidden state, so nothing is lost by it;
+grouter.causal=false distils the paper's bidirectional encoder (mg-train then needs
+router.grouter.allow_future_context=true).
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ def student_config(cfg: DictConfig, teacher):
                          topk=teacher.topk, hidden_size=cfg.grouter.hidden_size,
                          num_layers=cfg.grouter.num_layers, num_heads=cfg.grouter.num_heads,
                          ffn_hidden_size=cfg.grouter.ffn_hidden_size, encoder=cfg.grouter.encoder,
+                         causal=cfg.grouter.causal,
                          use_positions=cfg.grouter.use_positions, max_seq_length=cfg.grouter.window,
                          score_function="sigmoid" if score == "sigmoid" else "softmax",
                          scaling_factor=cfg.grouter.scaling_factor)
@@ -238,9 +244,10 @@ def distill(cfg: DictConfig) -> dict:
     setup_console_logging(layout.is_main)
     try:
         distiller = Distiller(cfg, layout.device, layout.rank, layout.world_size)
-        log.info("distill: teacher %s layer %s (E=%d, top-%d) -> Grouter %.1fM parameters, window %d, "
+        log.info("distill: teacher %s layer %s (E=%d, top-%d) -> %s Grouter %.1fM parameters, window %d, "
                  "%d train / %d held-out windows", cfg.source.path, distiller.teacher.description.get("moe_layer"),
                  distiller.teacher.num_experts, distiller.teacher.topk,
+                 "bidirectional (sees future tokens)" if distiller.student.config.sees_future_tokens else "causal",
                  distiller.student.num_parameters() / 1e6, cfg.grouter.window,
                  len(distiller.train_batches), len(distiller.eval_batches))
         if layout.is_main:

@@ -1,6 +1,7 @@
 """mg-predispatch: write the routing cache of a dataset (see data/routing_cache.py).
 
-Resumable: rerunning with the same arguments skips finished chunks. Under torchrun the chunks are
+The cache holds exactly the online Grouter's routing (same document windows), so it is causal
+when the Grouter is. Resumable: rerunning with the same arguments skips finished chunks. Under torchrun the chunks are
 split over the ranks, each writing its rows straight into the shared memory-mapped files.
 """
 
@@ -45,6 +46,10 @@ def predispatch(cfg: DictConfig) -> dict:
     log.info("predispatch: %s -> %s (E=%d, top-%d, window %d, %d process(es))", cfg.data.prefix,
              cache_dir, grouter.config.num_experts, grouter.config.topk,
              grouter.config.max_seq_length, world_size)
+    if grouter.config.sees_future_tokens:
+        # The cache itself is fine; mg-train refuses it for a causal LM unless the user opts in.
+        log.warning("predispatch: the Grouter is bidirectional (causal=false): its routing SEES FUTURE "
+                    "TOKENS; mg-train uses this cache only with router.grouter.allow_future_context=true")
     barrier = dist.barrier if dist.is_initialized() else (lambda: None)
     if rank == 0:
         os.makedirs(cache_dir, exist_ok=True)

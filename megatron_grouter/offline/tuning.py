@@ -1,18 +1,24 @@
 """Expert tuning (paper §3.3): rebalance a Grouter on the target data, touching only its final layer.
 
-A distilled Grouter inherits its source's load profile, which is imbalanced on new data. Two modes:
+A distilled Grouter inherits its source's load profile, which is imbalanced on new data. Objectives:
 - `weights` (the paper's): the encoder is frozen (its hidden states are computed without grad)
   and only the score layer (weight + bias) is trained, with the Switch/GShard load-balancing loss
-  alone: L = E·Σ_i f_i·P_i, f_i = share of the token-slots the current top-k routes to i
-  (non-differentiable), P_i = mean softmax probability of i. Nothing ties it to the old routing,
-  so it stops as soon as the load is balanced enough (target MaxVioGlobal) or a token budget is spent.
+  L = E·Σ_i f_i·P_i, f_i = share of the token-slots the current top-k routes to i
+  (non-differentiable), P_i = mean softmax probability of i. Alone (kl_weight=0, the default)
+  nothing ties it to the old routing, so it can give the distilled routing away for balance.
+  With kl_weight > 0 the loss adds kl_weight · KL(softmax(distilled logits) ‖ softmax(tuned
+  logits)) per token: balance is bought with as little change of the routing distribution as the
+  weight allows.
 - `bias` (aux-loss-free style, as the released code): no weight changes; the selection bias
   `expert_bias` is nudged each step by rate·σ·sign(mean load − load_i), σ = std of the logits on
   the first batch (so the rate is scale-free). It changes which experts are selected, not the gates.
 
-Stopping looks at MaxVioGlobal of the training batches since the last check (not the held-out
-set); the report gives MaxVioGlobal and top-k agreement with the untuned Grouter, before and after,
-on held-out windows. Data-parallel: gradients and loads are summed with all_reduce.
+Stopping: every `check_interval` steps, MaxVioGlobal of the *held-out* windows (the first
+`stop_tokens` of them; their final hidden states are computed once, the encoder being frozen),
+not of the training batches: a batch-level target is reached long before held-out balance is.
+The report gives MaxVioGlobal and top-k agreement with the untuned Grouter, before and after, on
+the first `eval_tokens` held-out tokens. Tuning keeps the Grouter's causality (only the score
+layer / bias change). Data-parallel: gradients and loads are summed with all_reduce.
 """
 
 from __future__ import annotations
@@ -43,15 +49,28 @@ class TuneSettings:
     check_interval: int = 10          # steps between stop checks
     eval_tokens: int = 200_000        # held-out tokens for the before/after report
     seed: int = 1234
+    kl_weight: float = 0.0            # weights mode: weight of KL(distilled ‖ tuned) next to the balance loss
+    stop_tokens: int = 100_000        # held-out tokens whose MaxVioGlobal decides the stop
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UserError(f"tuning mode {self.mode!r} is unknown; choose one of {list(MODES)}")
-        for name in ("lr", "bias_rate", "batch_size", "max_tokens", "check_interval", "eval_tokens"):
+        for name in ("lr", "bias_rate", "batch_size", "max_tokens", "check_interval", "eval_tokens",
+                     "stop_tokens"):
             if not getattr(self, name) > 0:
                 raise UserError(f"tuning {name}={getattr(self, name)!r} must be positive")
         if self.target_max_vio < 0:
             raise UserError(f"tuning target_max_vio={self.target_max_vio} must be >= 0")
+        if not self.kl_weight >= 0:
+            raise UserError(f"tuning kl_weight={self.kl_weight!r} must be >= 0")
+        if self.kl_weight > 0 and self.mode != "weights":
+            raise UserError(f"tuning kl_weight={self.kl_weight} applies to mode=weights only, not "
+                            f"mode={self.mode}; set kl_weight=0 or mode=weights")
+
+    @property
+    def objective(self) -> str:
+        """Name of the objective, as reported: weights, weights+kl<w>, bias."""
+        return f"weights+kl{self.kl_weight:g}" if self.mode == "weights" and self.kl_weight > 0 else self.mode
 
 
 @dataclass
@@ -63,6 +82,7 @@ class TuneResult:
     stopped_by: str
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
+    stop_max_vio: float | None = None  # held-out MaxVioGlobal at the last stop check
 
 
 def selection_counts(selection_TE: torch.Tensor, topk: int,
@@ -84,6 +104,13 @@ def load_balancing_loss(logits_TE: torch.Tensor, topk: int, bias_E: torch.Tensor
     fraction_E = counts_E.float() / max(float(counts_E.sum()), 1.0)
     mean_prob_E = expert_probabilities(logits_TE.float(), groups_E).mean(dim=0)
     return num_experts * (fraction_E * mean_prob_E).sum()
+
+
+def routing_kl(reference_logits_TE: torch.Tensor, logits_TE: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(softmax(reference) ‖ softmax(logits)): how far tuning moved the routing."""
+    reference_logp_TE = torch.log_softmax(reference_logits_TE.float(), dim=-1)
+    logp_TE = torch.log_softmax(logits_TE.float(), dim=-1)
+    return (reference_logp_TE.exp() * (reference_logp_TE - logp_TE)).sum(-1).mean()
 
 
 def _world() -> tuple[int, int]:
@@ -122,6 +149,36 @@ def evaluate_balance(grouter, reference, batches, batch_size: int, max_tokens: i
             "tokens": int(sums[1]), "load": load_E.long().tolist()}
 
 
+@torch.no_grad()
+def held_out_hidden(grouter, batches, batch_size: int, max_tokens: int,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """Final hidden states [T, H] (fp32, on `device`: the stop check reuses them) of this rank's
+    share of the first held-out windows."""
+    from megatron_grouter.offline.affinity import window_row_batches
+
+    rank, world_size = _world()
+    max_windows = max(1, -(-int(max_tokens) // batches.windows.window))
+    hidden = [torch.zeros(0, grouter.config.hidden_size, device=device)]
+    for rows in window_row_batches(len(batches), batch_size, rank, world_size, max_windows):
+        if len(rows) == 0:
+            continue
+        tokens_BW, mask_BW = batches.gather(rows)
+        mask_BW = mask_BW.to(device)
+        hidden.append(grouter.hidden_states(tokens_BW.to(device), mask_BW)[mask_BW].float())
+    return torch.cat(hidden)
+
+
+@torch.no_grad()
+def held_out_max_vio(grouter, hidden_TH: torch.Tensor) -> float:
+    """MaxVioGlobal of the (biased, two-level) top-k on held-out hidden states, summed over ranks."""
+    device = grouter.score.weight.device
+    counts_E = torch.zeros(grouter.config.num_experts, dtype=torch.float64)
+    for chunk_TH in hidden_TH.split(65536):
+        selection_TE = grouter.score(chunk_TH.to(device)) + grouter.expert_bias
+        counts_E += selection_counts(selection_TE, grouter.config.topk, grouter.expert_groups).double().cpu()
+    return max_violation(_all_sum(counts_E))
+
+
 def _freeze_all_but_score(grouter) -> list[torch.nn.Parameter]:
     trainable = []
     for name, parameter in grouter.named_parameters():
@@ -141,11 +198,11 @@ def tune_grouter(grouter, train_batches, eval_batches, settings: TuneSettings,
     tuned = copy.deepcopy(grouter).to(device).eval()  # eval: no dropout; the encoder is frozen anyway
     topk, num_experts = tuned.config.topk, tuned.config.num_experts
     before = evaluate_balance(reference, reference, eval_batches, settings.batch_size, settings.eval_tokens, device)
+    stop_hidden_TH = held_out_hidden(tuned, eval_batches, settings.batch_size, settings.stop_tokens, device)
     trainable = _freeze_all_but_score(tuned)
     optimizer = torch.optim.Adam(trainable, lr=settings.lr) if settings.mode == "weights" else None
     bias_step = None
-    step, tokens, stopped_by = 0, 0, "token budget"
-    window_load_E = torch.zeros(num_experts, dtype=torch.float64)
+    step, tokens, stopped_by, stop_vio = 0, 0, "token budget", None
     bar = tqdm(total=settings.max_tokens, desc=f"tune ({settings.mode})", unit="tok", unit_scale=True,
                disable=not progress or rank != 0, mininterval=2.0)
     started = time.perf_counter()
@@ -159,6 +216,10 @@ def tune_grouter(grouter, train_batches, eval_batches, settings: TuneSettings,
                                              tuned.expert_groups))
         if optimizer is not None:
             loss = load_balancing_loss(logits_TE, topk, counts_E=counts_E, groups_E=tuned.expert_groups)
+            if settings.kl_weight > 0:
+                with torch.no_grad():
+                    reference_TE = reference.score(hidden_TH)
+                loss = loss + settings.kl_weight * routing_kl(reference_TE, logits_TE)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for parameter in trainable:
@@ -172,16 +233,15 @@ def tune_grouter(grouter, train_batches, eval_batches, settings: TuneSettings,
                 tuned.expert_bias += bias_step * torch.sign(error_E).to(tuned.expert_bias.device)
         batch_tokens = int(_all_sum(torch.tensor([hidden_TH.shape[0]], dtype=torch.float64)))
         tokens += batch_tokens
-        window_load_E += counts_E.double().cpu()
         step += 1
         bar.update(batch_tokens)
         if step % settings.check_interval == 0:
-            vio = max_violation(window_load_E)
-            bar.set_postfix(max_vio=f"{vio:.3f}", tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
-            if vio <= settings.target_max_vio:
-                stopped_by = f"target MaxVioGlobal {settings.target_max_vio}"
+            stop_vio = held_out_max_vio(tuned, stop_hidden_TH)
+            bar.set_postfix(held_out_max_vio=f"{stop_vio:.3f}",
+                            tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+            if stop_vio <= settings.target_max_vio:
+                stopped_by = f"target held-out MaxVioGlobal {settings.target_max_vio}"
                 break
-            window_load_E.zero_()
     bar.close()
     elapsed = max(time.perf_counter() - started, 1e-9)
     for parameter in tuned.parameters():
@@ -189,14 +249,16 @@ def tune_grouter(grouter, train_batches, eval_batches, settings: TuneSettings,
     tuned.eval()
     after = evaluate_balance(tuned, reference, eval_batches, settings.batch_size, settings.eval_tokens, device)
     return TuneResult(grouter=tuned, steps=step, tokens=tokens, tokens_per_s=tokens / elapsed,
-                      stopped_by=stopped_by, before=before, after=after)
+                      stopped_by=stopped_by, before=before, after=after, stop_max_vio=stop_vio)
 
 
 def tuning_record(result: TuneResult, settings: TuneSettings) -> dict:
     """Provenance history step of a tuning run (plain JSON)."""
     strip = lambda report: {key: value for key, value in report.items() if key != "load"}  # noqa: E731
-    return {"step": "tune", "mode": settings.mode, "tokens": result.tokens, "steps": result.steps,
+    return {"step": "tune", "mode": settings.mode, "objective": settings.objective,
+            "kl_weight": settings.kl_weight, "tokens": result.tokens, "steps": result.steps,
             "stopped_by": result.stopped_by, "target_max_vio": settings.target_max_vio,
+            "stop_tokens": settings.stop_tokens, "stop_max_vio": result.stop_max_vio,
             "lr": settings.lr, "bias_rate": settings.bias_rate,
             "before": strip(result.before), "after": strip(result.after)}
 

@@ -10,6 +10,8 @@
   grad_norm_cv         coefficient of variation (std / mean) of the gradient norm in sliding
                        windows of w steps, averaged over windows (None when the run is shorter)
   throughput           median tokens/s of the training steps
+  sees_future_tokens   whether the run's routing read tokens after the one routed (a bidirectional
+                       Grouter, opted in: its step records carry routing/sees_future_tokens)
 """
 
 from __future__ import annotations
@@ -111,6 +113,10 @@ def grad_norm_cv(run: RunMetrics, window: int) -> float | None:
     views = np.lib.stride_tricks.sliding_window_view(norms, window)
     means = views.mean(axis=1)
     return float((views.std(axis=1) / np.where(means > 0, means, np.nan)).mean())
+
+
+def sees_future_tokens(run: RunMetrics) -> bool:
+    return any(record.get("routing/sees_future_tokens") for record in run.steps)
 
 
 def throughput(run: RunMetrics) -> float | None:

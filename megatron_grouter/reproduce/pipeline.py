@@ -3,6 +3,11 @@
 data → source → distill → fold (only when the target's expert count differs) → tune →
 predispatch → plan (optional) → target runs (every router × seed, same data order and token
 budget) → stability probe → report. Progress lines name the stage and the run.
+
+The Grouter is distilled causal (grouter.causal=true): every Grouter row routes token t from
+tokens <= t. When target.routers holds grouter_tuned_bidirectional, a second chain
+(distill-bidirectional → fold → tune → predispatch) builds the paper's bidirectional encoder for
+that one labelled row.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.reproduce.jobs import check_launcher, run_job
-from megatron_grouter.reproduce.routers import GROUTER_RUNS, is_learned, router_overrides
+from megatron_grouter.reproduce.routers import BIDIRECTIONAL, GROUTER_RUNS, is_learned, router_overrides
 from megatron_grouter.reproduce.stages import Stage
 
 
@@ -93,12 +98,14 @@ class Pipeline:
         data_stage = Stage("data", self.out_dir, {"prefix": prefix, "tokenizer": tokenizer,
                                                   "dataset": _dataset_identity(prefix)})
         source = self.source_stage(data_stage, train_data)
-        distill, distill_summary = self.distill_stage(source, prefix, tokenizer)
-        raw_stage, raw_grouter = self.fold_stage(distill, Path(distill_summary["grouter"]), prefix)
-        tune, tuned_grouter = self.tune_stage(raw_stage, raw_grouter, prefix)
-        cache_stage, cache = self.predispatch_stage(tune, tuned_grouter, prefix, tokenizer)
+        raw_stage, raw_grouter, cache_stage, tuned_grouter, cache = self.grouter_chain(
+            source, prefix, tokenizer, causal=True)
         self.plan_stage(cache_stage, cache, prefix)
         grouters = {"raw": (raw_stage, raw_grouter), "tuned": (cache_stage, tuned_grouter), "cache": cache}
+        if BIDIRECTIONAL in self._list("target.routers"):
+            _, _, bidirectional_stage, bidirectional_grouter, bidirectional_cache = self.grouter_chain(
+                source, prefix, tokenizer, causal=False)
+            grouters["bidirectional"] = (bidirectional_stage, bidirectional_grouter, bidirectional_cache)
         self.target_stages(data_stage, train_data, grouters)
         self.stability_stage(prefix)
         return self.results
@@ -129,7 +136,18 @@ class Pipeline:
                                "stage source: train the source MoE")
         return stage
 
-    def distill_stage(self, source: Stage | None, prefix: str, tokenizer: str) -> tuple[Stage, dict]:
+    def grouter_chain(self, source: Stage | None, prefix: str, tokenizer: str, causal: bool):
+        """distill → fold → tune → predispatch of one Grouter variant: (raw stage, raw Grouter,
+        cache stage, tuned Grouter, cache). The bidirectional variant's stages are suffixed."""
+        suffix = "" if causal else "-bidirectional"
+        distill, distill_summary = self.distill_stage(source, prefix, tokenizer, causal, suffix)
+        raw_stage, raw_grouter = self.fold_stage(distill, Path(distill_summary["grouter"]), prefix, suffix)
+        tune, tuned_grouter = self.tune_stage(raw_stage, raw_grouter, prefix, suffix)
+        cache_stage, cache = self.predispatch_stage(tune, tuned_grouter, prefix, tokenizer, suffix)
+        return raw_stage, raw_grouter, cache_stage, tuned_grouter, cache
+
+    def distill_stage(self, source: Stage | None, prefix: str, tokenizer: str, causal: bool = True,
+                      suffix: str = "") -> tuple[Stage, dict]:
         if source is None:
             kind, path = "hf", str(self.cfg.source.hf_path)
             if not Path(path).is_dir():
@@ -137,16 +155,21 @@ class Pipeline:
                                 "Hugging Face MoE checkpoint or set source.hf_path=null")
         else:
             kind, path = "megatron", str(source.directory)
+        # The causal flag goes before the user's overrides (they may change it: the target run then
+        # refuses a bidirectional Grouter, or labels it), and after them for the bidirectional row.
+        overrides = self._list("distill.overrides")
         args = [f"source.kind={kind}", f"source.path={path}", f"data.prefix={prefix}",
-                f"data.tokenizer={tokenizer}", *self._list("distill.overrides")]
+                f"data.tokenizer={tokenizer}", *(["grouter.causal=true", *overrides] if causal
+                                                 else [*overrides, "grouter.causal=false"])]
 
         def work(stage: Stage) -> dict:
-            self._job("distill", [*args, f"out_dir={stage.directory}"], stage, "distill")
+            self._job("distill", [*args, f"out_dir={stage.directory}"], stage, "distill" + suffix)
             return {"grouter": str(stage.directory / "grouter"), **_last_distill_eval(stage.directory)}
-        return self._stage("distill", {"args": args}, [source] if source else [], work,
-                           "stage distill: a Grouter from the source's first MoE layer")
+        kind_text = "causal" if causal else "bidirectional (paper-fidelity row, sees future tokens)"
+        return self._stage("distill" + suffix, {"args": args}, [source] if source else [], work,
+                           f"stage distill{suffix}: a {kind_text} Grouter from the source's first MoE layer")
 
-    def fold_stage(self, distill: Stage, grouter: Path, prefix: str) -> tuple[Stage, Path]:
+    def fold_stage(self, distill: Stage, grouter: Path, prefix: str, suffix: str = "") -> tuple[Stage, Path]:
         from megatron_grouter.grouter.checkpoint import read_grouter_header
 
         header = read_grouter_header(grouter)
@@ -156,8 +179,8 @@ class Pipeline:
                             f"model uses top-{target.model.topk}; make the source and target top-k equal")
         source_experts, target_experts = int(header["num_experts"]), target.model.num_experts
         if source_experts == target_experts:
-            self._say(f"stage fold: skipped (source and target both have {target_experts} experts)")
-            self.results.summaries["fold"] = {"skipped": f"same expert count ({target_experts})"}
+            self._say(f"stage fold{suffix}: skipped (source and target both have {target_experts} experts)")
+            self.results.summaries["fold" + suffix] = {"skipped": f"same expert count ({target_experts})"}
             return distill, grouter
         fold = self.cfg.fold
         settings = {"num_experts": target_experts, "strategy": fold.strategy,
@@ -167,35 +190,35 @@ class Pipeline:
             affinity = stage.directory / "affinity"
             self._job("affinity", [f"grouter={grouter}", f"data.prefix={prefix}",
                                    f"max_tokens={fold.affinity_tokens}", f"out={affinity}"],
-                      stage, "fold/affinity")
+                      stage, f"fold{suffix}/affinity")
             self._job("fold", [f"grouter={grouter}", f"affinity={affinity}",
                                f"num_experts={target_experts}", f"strategy={fold.strategy}",
-                               f"out={stage.directory / 'grouter'}"], stage, "fold")
+                               f"out={stage.directory / 'grouter'}"], stage, "fold" + suffix)
             return {"grouter": str(stage.directory / "grouter"), "from_experts": source_experts,
                     "to_experts": target_experts}
-        stage, summary = self._stage("fold", settings, [distill], work,
-                                     f"stage fold: {source_experts} → {target_experts} experts")
+        stage, summary = self._stage("fold" + suffix, settings, [distill], work,
+                                     f"stage fold{suffix}: {source_experts} → {target_experts} experts")
         return stage, Path(summary["grouter"])
 
-    def tune_stage(self, upstream: Stage, grouter: Path, prefix: str) -> tuple[Stage, Path]:
+    def tune_stage(self, upstream: Stage, grouter: Path, prefix: str, suffix: str = "") -> tuple[Stage, Path]:
         args = [f"grouter={grouter}", f"data.prefix={prefix}", *self._list("tune.overrides")]
 
         def work(stage: Stage) -> dict:
-            self._job("tune", [*args, f"out={stage.directory / 'grouter'}"], stage, "tune")
+            self._job("tune", [*args, f"out={stage.directory / 'grouter'}"], stage, "tune" + suffix)
             return {"grouter": str(stage.directory / "grouter"), **_tune_record(stage.directory / "grouter")}
-        stage, summary = self._stage("tune", {"args": args}, [upstream], work,
-                                     "stage tune: rebalance the Grouter on the target data")
+        stage, summary = self._stage("tune" + suffix, {"args": args}, [upstream], work,
+                                     f"stage tune{suffix}: rebalance the Grouter on the target data")
         return stage, Path(summary["grouter"])
 
     def predispatch_stage(self, tune: Stage, grouter: Path, prefix: str,
-                          tokenizer: str) -> tuple[Stage, Path]:
+                          tokenizer: str, suffix: str = "") -> tuple[Stage, Path]:
         args = [f"grouter={grouter}", f"data.prefix={prefix}", f"data.tokenizer={tokenizer}"]
 
         def work(stage: Stage) -> dict:
-            self._job("predispatch", [*args, f"cache={stage.directory / 'cache'}"], stage, "predispatch")
+            self._job("predispatch", [*args, f"cache={stage.directory / 'cache'}"], stage, "predispatch" + suffix)
             return {"cache": str(stage.directory / "cache")}
-        stage, summary = self._stage("predispatch", {"args": args}, [tune], work,
-                                     "stage predispatch: route the target corpus once")
+        stage, summary = self._stage("predispatch" + suffix, {"args": args}, [tune], work,
+                                     f"stage predispatch{suffix}: route the target corpus once")
         return stage, Path(summary["cache"])
 
     def plan_stage(self, cache_stage: Stage, cache: Path, prefix: str) -> None:
@@ -243,10 +266,14 @@ class Pipeline:
     def target_run(self, router: str, seed: int, position: str, data_stage: Stage,
                    train_data: list[str], grouters: dict) -> None:
         upstream = [data_stage]
-        if router in GROUTER_RUNS:
+        if router == BIDIRECTIONAL:
+            upstream = [grouters["bidirectional"][0]]
+        elif router in GROUTER_RUNS:
             upstream = [grouters["raw"][0] if router == "grouter_raw" else grouters["tuned"][0]]
+        bidirectional = grouters["bidirectional"][1:] if "bidirectional" in grouters else None
         args = [*train_data, *self._list("target.overrides"),
-                *router_overrides(router, grouters["raw"][1], grouters["tuned"][1], grouters["cache"]),
+                *router_overrides(router, grouters["raw"][1], grouters["tuned"][1], grouters["cache"],
+                                  bidirectional),
                 f"train.seed={seed}"]
         interval = int(self.cfg.target.checkpoint_interval)
         if interval > 0 and seed == int(self.cfg.seeds[0]) and is_learned(router):
@@ -332,4 +359,5 @@ def _tune_record(grouter: Path) -> dict:
 
     history = read_grouter_header(grouter).get("provenance", {}).get("history", [])
     record = history[-1] if history else {}
-    return {key: record[key] for key in ("before", "after", "tokens", "stopped_by") if key in record}
+    return {key: record[key] for key in ("objective", "before", "after", "tokens", "stopped_by", "stop_max_vio")
+            if key in record}

@@ -4,6 +4,10 @@ Per seed, the best baseline is the baseline run with the lowest final validation
 Grouter run is compared with it (data efficiency, loss gap at equal tokens). The headline is the
 tuned Grouter's data efficiency over the seeds, with its spread, and whether it was ahead of the
 best baseline at every evaluation on every seed.
+
+Every row of a run whose routing saw future tokens (a bidirectional Grouter trained with
+router.grouter.allow_future_context=true, e.g. grouter_tuned_bidirectional) says so in its name:
+its validation loss is not comparable with causal routers'.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from megatron_grouter.reproduce.stages import write_json_atomic
 
 CV_WINDOWS = (50, 500)
 HEADLINE = "grouter_tuned"
+FUTURE_LABEL = " (sees future tokens)"
 TARGET_RATIO = 1.5
 
 
@@ -39,8 +44,14 @@ def compare_seed(runs: dict[str, m.RunMetrics]) -> dict:
     return {"best_baseline": best, "baselines": sorted(baselines), "comparisons": comparisons}
 
 
+def label(name: str, row: dict) -> str:
+    """A run's name as the report shows it: labelled when its routing saw future tokens."""
+    return name + (FUTURE_LABEL if row.get("sees_future_tokens") else "")
+
+
 def run_row(run: m.RunMetrics) -> dict:
     return {"final_val_loss": float(run.val_loss[-1]), "tokens": float(run.tokens[-1]),
+            "sees_future_tokens": m.sees_future_tokens(run),
             "max_vio": m.max_vio(run), "tokens_per_s": m.throughput(run),
             **{f"grad_norm_cv_{window}": m.grad_norm_cv(run, window) for window in CV_WINDOWS},
             "steps": len(run.steps)}
@@ -78,6 +89,8 @@ def write_report(out_dir: Path, runs: dict[tuple[str, int], Path], summaries: di
                 for seed in seeds}
     rows = {f"{router}-s{seed}": run_row(run) for (router, seed), run in sorted(loaded.items())}
     top = headline(per_seed)
+    top["sees_future_tokens"] = any(rows.get(f"{HEADLINE}-s{seed}", {}).get("sees_future_tokens")
+                                    for seed in top["seeds"])
     stability = json.loads(stability_file.read_text()) if stability_file and stability_file.is_file() else {}
 
     figures = {"loss_curves": plots.loss_curves(loaded, out_dir / "loss_curves.png"),
@@ -113,6 +126,9 @@ def render(preset: dict, top: dict, per_seed: dict, rows: dict, summaries: dict,
     lines.append(f"- Data efficiency of `{HEADLINE}` against the best baseline of each seed: {ratios or 'n/a'}"
                  + (f"; mean {top['mean']:.2f}× (min {top['min']:.2f}×, max {top['max']:.2f}×"
                     + (f", std {top['std']:.2f}" if top["std"] is not None else "") + ")" if top["mean"] else ""))
+    if top.get("sees_future_tokens"):
+        lines.append(f"- **`{HEADLINE}` sees future tokens** (its Grouter is bidirectional): its losses are not "
+                     "comparable with the causal baselines' and the headline does not count.")
     lines.append(f"- Target ≥ {TARGET_RATIO}× on every seed: **{'met' if top['meets_ratio_target'] else 'missed'}**.")
     lines.append(f"- `{HEADLINE}` ahead of the best baseline at every evaluation on every seed: "
                  f"**{'yes' if top['ahead_everywhere_all_seeds'] else 'no'}**.")
@@ -135,7 +151,8 @@ def render(preset: dict, top: dict, per_seed: dict, rows: dict, summaries: dict,
         best_loss = rows[f"{best}-s{seed}"]["final_val_loss"]
         for name, comparison in sorted(record["comparisons"].items()):
             eff, gap = comparison["efficiency"], comparison["gap"]
-            lines.append(f"| {seed} | {best} ({best_loss:.4f}) | {name} | {rows[f'{name}-s{seed}']['final_val_loss']:.4f} | "
+            lines.append(f"| {seed} | {best} ({best_loss:.4f}) | {label(name, rows[f'{name}-s{seed}'])} | "
+                         f"{rows[f'{name}-s{seed}']['final_val_loss']:.4f} | "
                          f"{_fmt(gap['final'], '{:+.4f}')} | {'yes' if gap['ahead_everywhere'] else 'no'} | "
                          f"{_fmt(eff['candidate_tokens'], '{:,.0f}', 'not reached')} vs {eff['baseline_tokens']:,.0f} | "
                          f"{_fmt(eff['ratio'], '{:.2f}×', 'not reached')} |")
@@ -144,13 +161,18 @@ def render(preset: dict, top: dict, per_seed: dict, rows: dict, summaries: dict,
               "| run | steps | tokens | final val loss | MaxVioGlobal | grad-norm CV (50) | grad-norm CV (500) | tokens/s |",
               "|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
-        lines.append(f"| {name} | {row['steps']} | {row['tokens']:,.0f} | {row['final_val_loss']:.4f} | "
+        lines.append(f"| {label(name, row)} | {row['steps']} | {row['tokens']:,.0f} | {row['final_val_loss']:.4f} | "
                      f"{_fmt(row['max_vio'])} | {_fmt(row['grad_norm_cv_50'])} | {_fmt(row['grad_norm_cv_500'])} | "
                      f"{_fmt(row['tokens_per_s'], '{:,.0f}')} |")
     lines += ["", "MaxVioGlobal: (max expert load − mean) / mean over each step's global batch, averaged over "
               "MoE layers and over the last half of training. Grad-norm CV: std/mean of the gradient norm in "
               "every sliding window of 50 (500) steps, averaged; n/a when the run is shorter than the window. "
               "tokens/s: median over steps, measured on this machine (shared CPUs inflate wall time).", ""]
+    if any(row.get("sees_future_tokens") for row in rows.values()):
+        lines += [f"Runs marked *{FUTURE_LABEL.strip()}* were routed by a bidirectional Grouter (the paper's "
+                  "encoder, router.grouter.allow_future_context=true): the experts and gate weights of token t "
+                  "depended on tokens after t, so their validation losses are not comparable with causal "
+                  "routers' and the model cannot generate. Every other Grouter row is causal.", ""]
 
     if stability:
         lines += ["## Routing stability of learned routers (first seed)", "",

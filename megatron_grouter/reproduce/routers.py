@@ -1,10 +1,14 @@
 """The target runs' routers: names in the report → mg-train overrides.
 
 Baselines are the router presets in conf/router/ (aux_loss, z_loss, aux_loss_free, hash,
-probmoe_exact_k, ...). The three Grouter runs use the pipeline's Grouters:
+probmoe_exact_k, ...). The Grouter runs use the pipeline's Grouters, causal unless named otherwise:
   grouter_raw     the distilled (and, if needed, folded) Grouter, untuned, fixed, routed online
-  grouter_tuned   the tuned Grouter, fixed, read from the predispatched routing cache
+  grouter_tuned   the tuned Grouter, fixed, read from the predispatched routing cache (the headline)
   grouter_hybrid  the tuned Grouter picks the experts, a trainable gate weighs them (cache)
+  grouter_tuned_bidirectional
+                  the paper's bidirectional encoder (own distill → tune → predispatch chain with
+                  grouter.causal=false), fixed, cached, trained with allow_future_context=true:
+                  a paper-fidelity row that sees future tokens, never the headline
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from pathlib import Path
 
 from megatron_grouter.errors import UserError
 
-GROUTER_RUNS = ("grouter_raw", "grouter_tuned", "grouter_hybrid")
+BIDIRECTIONAL = "grouter_tuned_bidirectional"
+GROUTER_RUNS = ("grouter_raw", "grouter_tuned", "grouter_hybrid", BIDIRECTIONAL)
 # Routers with fixed expert choices: nothing to measure for routing stability.
 FIXED_BASELINES = ("hash",)
 
@@ -26,14 +31,24 @@ def is_learned(router: str) -> bool:
     return is_baseline(router) and router not in FIXED_BASELINES
 
 
-def router_overrides(router: str, raw: Path, tuned: Path, cache: Path) -> list[str]:
-    """mg-train overrides that select `router` for a target run."""
+def router_overrides(router: str, raw: Path, tuned: Path, cache: Path,
+                     bidirectional: tuple[Path, Path] | None = None) -> list[str]:
+    """mg-train overrides that select `router` for a target run (`bidirectional`: the tuned
+    bidirectional Grouter and its cache, for grouter_tuned_bidirectional)."""
     if router == "grouter_raw":
         return ["router=grouter_fixed", "router.name=grouter_raw", f"router.grouter.path={raw}",
                 "router.grouter.source=online"]
     if router == "grouter_tuned":
         return ["router=grouter_fixed", "router.name=grouter_tuned", f"router.grouter.path={tuned}",
                 "router.grouter.source=cached", f"router.grouter.cache={cache}"]
+    if router == BIDIRECTIONAL:
+        if bidirectional is None:
+            raise UserError(f"target router {BIDIRECTIONAL} needs the bidirectional Grouter chain; the "
+                            "pipeline builds it when the router is in target.routers")
+        grouter, grouter_cache = bidirectional
+        return ["router=grouter_fixed", f"router.name={BIDIRECTIONAL}", f"router.grouter.path={grouter}",
+                "router.grouter.source=cached", f"router.grouter.cache={grouter_cache}",
+                "router.grouter.allow_future_context=true"]
     if router == "grouter_hybrid":
         return ["router=grouter_hybrid", f"router.grouter.path={tuned}", "router.grouter.source=cached",
                 f"router.grouter.cache={cache}"]

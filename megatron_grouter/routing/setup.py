@@ -21,7 +21,32 @@ def default_cache_dir(prefix: str, grouter_fingerprint: str) -> Path:
     return Path(prefix + ".routing") / grouter_fingerprint[:16]
 
 
+SEES_FUTURE_TOKENS = "sees future tokens"
+
+
+def check_causal_routing(grouter_config, settings, path) -> bool:
+    """Refuse a Grouter whose routing reads later tokens, unless the user opted in.
+
+    mg-train trains causal LMs: the MoE output that predicts token t+1 must not depend on tokens
+    after t, and expert choices and gate weights are part of that output. Returns whether the run
+    sees future tokens (only with router.grouter.allow_future_context=true).
+    """
+    if not grouter_config.sees_future_tokens:
+        return False
+    if not settings.allow_future_context:
+        raise UserError(f"Grouter at {path} is bidirectional (causal=false): the routing of token t "
+                        "would depend on tokens after t, which a causal LM must not see; distill a "
+                        "causal Grouter (mg-distill grouter.causal=true) or set "
+                        "router.grouter.allow_future_context=true to train a model that sees future tokens")
+    log.warning("router.grouter.allow_future_context=true: the bidirectional Grouter at %s routes each "
+                "token from its whole window; this run %s (its losses are not comparable with "
+                "causal routers' and the model cannot generate)", path, SEES_FUTURE_TOKENS.upper())
+    return True
+
+
 def load_configured_grouter(root, tokenizer, device: torch.device):
+    """The frozen Grouter of router.grouter.path and its fingerprint; refuses a bidirectional one
+    for a causal LM unless router.grouter.allow_future_context (online and cached routing alike)."""
     from megatron_grouter.grouter.checkpoint import grouter_fingerprint, load_grouter
 
     settings = root.router.grouter
@@ -33,6 +58,7 @@ def load_configured_grouter(root, tokenizer, device: torch.device):
     if grouter.config.topk != root.model.topk:
         raise UserError(f"Grouter at {settings.path} routes top-{grouter.config.topk} but model.topk="
                         f"{root.model.topk}; set model.topk={grouter.config.topk}")
+    check_causal_routing(grouter.config, settings, settings.path)
     grouter.eval().requires_grad_(False).to(device)
     return grouter, grouter_fingerprint(settings.path)
 
@@ -81,5 +107,8 @@ def build_routing_hook(root, trainer, prefix: str, tokenizer, device: torch.devi
             source = CachedRoutingSource(cache)
         else:
             raise UserError(f"router.grouter.source={settings.source!r}: choose online or cached")
-        log.info("router %s: Grouter %s (%s routing)", root.router.name, settings.path, settings.source)
+        sees_future = grouter.config.sees_future_tokens
+        log.info("router %s: Grouter %s (%s routing, %s)", root.router.name, settings.path, settings.source,
+                 SEES_FUTURE_TOKENS.upper() if sees_future else "causal")
+        return PreemptiveRoutingHook(source, trainer.routing_context, sees_future_tokens=sees_future)
     return PreemptiveRoutingHook(source, trainer.routing_context)

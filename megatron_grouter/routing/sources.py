@@ -38,11 +38,14 @@ class HashTableSource:
 class PreemptiveRoutingHook:
     """Fills the model's RoutingContext per micro-batch. `host_routing` keeps the same routing
     on the host for the hooks after it (dispatch planning, traffic metrics), so they neither
-    route the batch again nor copy it back from the device."""
+    route the batch again nor copy it back from the device. A run whose routing reads later
+    tokens (a bidirectional Grouter, opted in) says so in every step record:
+    `routing/sees_future_tokens: 1`."""
 
-    def __init__(self, source: RoutingSource, context: RoutingContext):
+    def __init__(self, source: RoutingSource, context: RoutingContext, sees_future_tokens: bool = False):
         self.source = source
         self.context = context
+        self.sees_future_tokens = sees_future_tokens
         self.host_routing: Routing | None = None
 
     def before_forward(self, trainer, batch) -> None:
@@ -58,7 +61,10 @@ class PreemptiveRoutingHook:
     def step_metrics(self, trainer) -> dict:
         entropies = [layer.router.take_gate_entropy() for layer in trainer.moe_layers
                      if hasattr(layer.router, "take_gate_entropy")]
-        return {"moe/gate_entropy": sum(entropies) / len(entropies)} if entropies else {}
+        metrics = {"moe/gate_entropy": sum(entropies) / len(entropies)} if entropies else {}
+        if self.sees_future_tokens:
+            metrics["routing/sees_future_tokens"] = 1
+        return metrics
 
 
 class OnlineGrouterSource:

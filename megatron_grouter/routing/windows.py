@@ -1,10 +1,13 @@
 """Document-aligned windows: the unit in which the Grouter routes a corpus.
 
 Each document of the indexed dataset is cut into windows of `window` tokens starting at its first
-token; the Grouter sees one window at a time (bidirectional attention within it). Routing of a
-token therefore depends only on its document and position — not on how GPTDataset packs samples —
-so the online Grouter and the offline routing cache give bit-identical routing for any sequence
-length or sample order. Gate weights are rounded to bfloat16 in both paths (the cache's format).
+token; the Grouter sees one window at a time. Routing of a token therefore depends only on its
+document and position — not on how GPTDataset packs samples — so the online Grouter and the
+offline routing cache give bit-identical routing for any sequence length or sample order.
+Causality: a causal Grouter routes token t from the tokens of its window up to t. A window may
+start before the training sample that holds t (the sample was cut mid-document): those tokens are
+the document's past, which a causal LM may use; nothing after t is read. A bidirectional Grouter
+reads the whole window, later tokens included (see GrouterConfig.causal). Gate weights are rounded to bfloat16 in both paths (the cache's format).
 """
 
 from __future__ import annotations

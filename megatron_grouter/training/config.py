@@ -53,6 +53,9 @@ class GrouterRoutingConfig:
     scaling_factor: float = 1.0
     activation_threshold: Optional[float] = None  # dynamic activation (off by default)
     plan: Optional[str] = None  # an EP placement plan from mg-plan-ep (expert slots + sample schedule)
+    # A bidirectional Grouter (causal=false) lets future tokens steer a causal LM's experts;
+    # mg-train refuses it unless this is true, and then labels the run "sees future tokens".
+    allow_future_context: bool = False
 
 
 @dataclass

@@ -35,6 +35,7 @@ def refusal(directory, **kwargs) -> str:
     dict(),
     dict(dtype="bfloat16", score_function="sigmoid", scaling_factor=2.0),
     dict(encoder="residual_linear", score_bias=False),
+    dict(causal=False),
 ])
 def test_round_trip_is_bitwise(tmp_path, overrides):
     model, directory = saved(tmp_path, **overrides)
@@ -206,3 +207,26 @@ def test_fingerprint_tracks_content(tmp_path):
         model.expert_bias[0] = 0.5
     save_grouter(model, directory, PROVENANCE, TOKENIZER)
     assert grouter_fingerprint(directory) != first
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_checkpoint_records_causal(tmp_path, causal):
+    _, directory = saved(tmp_path, causal=causal)
+    assert json.loads((directory / "config.json").read_text())["architecture"]["causal"] is causal
+    loaded, info = load_grouter(directory)
+    assert loaded.config.causal is causal and info.config.sees_future_tokens is not causal
+
+
+def test_checkpoint_without_causal_field_loads_as_bidirectional(tmp_path, caplog):
+    """Grouters saved before the flag existed had a bidirectional encoder: they stay one."""
+    model, directory = saved(tmp_path, causal=False)
+    header = json.loads((directory / "config.json").read_text())
+    del header["architecture"]["causal"]
+    (directory / "config.json").write_text(json.dumps(header))
+    with caplog.at_level("INFO", logger="megatron_grouter"):
+        loaded, _ = load_grouter(directory)
+    assert loaded.config.causal is False and loaded.config.sees_future_tokens
+    assert any("predates the causal flag" in record.getMessage() for record in caplog.records)
+    ids_BS = random_ids(2, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.logits(ids_BS), model.logits(ids_BS))

@@ -39,6 +39,7 @@ def test_default_ffn_size_is_resolved_and_explicit():
     (dict(num_experts=0), "num_experts"),
     (dict(vocab_size=True), "vocab_size"),
     (dict(use_positions=1), "use_positions"),
+    (dict(causal="yes"), "causal"),
     (dict(scaling_factor=float("nan")), "scaling_factor"),
     (dict(hidden_size=36, num_heads=4), "odd"),
 ])

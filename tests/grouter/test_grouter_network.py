@@ -31,14 +31,18 @@ def test_shapes_and_dtypes(encoder, dtype, torch_dtype):
     assert torch.isfinite(logits_BSE).all()
 
 
-def test_mha_attention_is_bidirectional():
-    model = tiny_grouter(encoder="mha")
+@pytest.mark.parametrize("causal", [True, False])
+def test_mha_attention_sees_the_past_and_only_the_bidirectional_one_the_future(causal):
+    model = tiny_grouter(encoder="mha", causal=causal)
     ids_BS = random_ids(1, 10)
-    changed_BS = ids_BS.clone()
-    changed_BS[0, -1] = (changed_BS[0, -1] + 1) % VOCAB
+    later_BS, earlier_BS = ids_BS.clone(), ids_BS.clone()
+    later_BS[0, -1] = (later_BS[0, -1] + 1) % VOCAB
+    earlier_BS[0, 0] = (earlier_BS[0, 0] + 1) % VOCAB
     with torch.no_grad():
-        before_BSE, after_BSE = model.logits(ids_BS), model.logits(changed_BS)
-    assert not torch.allclose(before_BSE[0, 0], after_BSE[0, 0], atol=1e-6)
+        before_BSE, later_BSE, earlier_BSE = (model.logits(ids_BS), model.logits(later_BS),
+                                              model.logits(earlier_BS))
+    assert torch.equal(before_BSE[0, 0], later_BSE[0, 0]) == causal
+    assert not torch.allclose(before_BSE[0, -1], earlier_BSE[0, -1], atol=1e-6)
 
 
 def test_residual_linear_scores_each_token_alone():
@@ -69,8 +73,9 @@ def test_padded_tokens_do_not_change_real_tokens(encoder):
     assert torch.equal(first_BSE[1], second_BSE[1])
 
 
-def test_mask_changes_mha_logits_and_all_padding_row_stays_finite():
-    model = tiny_grouter(encoder="mha")
+@pytest.mark.parametrize("causal", [True, False])
+def test_mask_changes_mha_logits_and_all_padding_row_stays_finite(causal):
+    model = tiny_grouter(encoder="mha", causal=causal)
     ids_BS = random_ids(2, 8)
     mask_BS = torch.ones(2, 8, dtype=torch.bool)
     mask_BS[0, 4:] = False
@@ -79,13 +84,14 @@ def test_mask_changes_mha_logits_and_all_padding_row_stays_finite():
         masked_BSE = model.logits(ids_BS, mask_BS)
         full_BSE = model.logits(ids_BS)
         indices_BSK, weights_BSK = model.route(ids_BS, mask_BS)
-    assert not torch.allclose(masked_BSE[0, :4], full_BSE[0, :4], atol=1e-6)
+    # Causal: masking tokens 4.. hides only what tokens 0..3 never saw.
+    assert torch.allclose(masked_BSE[0, :4], full_BSE[0, :4], atol=1e-6) == causal
     assert torch.isfinite(masked_BSE).all() and torch.isfinite(weights_BSK).all()
     assert ((indices_BSK >= 0) & (indices_BSK < 12)).all()
 
 
-def test_without_positions_mha_is_permutation_equivariant():
-    model = tiny_grouter(encoder="mha", use_positions=False)
+def test_without_positions_bidirectional_mha_is_permutation_equivariant():
+    model = tiny_grouter(encoder="mha", use_positions=False, causal=False)
     ids_BS = random_ids(1, 9)
     permutation = torch.randperm(9, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -36,7 +36,7 @@ def converted(stdlib_data, tmp_path_factory):
                                                   f"num_experts={2 * SOURCE_EXPERTS}",
                                                   f"out={root / 'expanded'}"]))
     tuned = run_tune(compose_tool("tune", [f"grouter={expanded['grouter']}", *data, "max_tokens=600000",
-                                           "lr=3e-3", "target_max_vio=0.1", "eval_tokens=40000", "progress=false",
+                                           "lr=3e-3", "target_max_vio=0.1", "eval_tokens=40000", "progress=false", "kl_weight=0.01",
                                            f"out={root / 'tuned'}"]))
     return {"corpus": corpus, "folded": folded["grouter"], "expanded": expanded, "tuned": tuned}
 
@@ -70,7 +70,9 @@ def test_expanded_then_tuned_grouter_is_balanced_and_trains_twice_the_experts(co
     print(f"expanded {SOURCE_EXPERTS}→{2 * SOURCE_EXPERTS}, tuned: MaxVioGlobal {before['max_vio_global']:.3f} → "
           f"{after['max_vio_global']:.3f}, top-k agreement {after['topk_agreement']:.3f}")
     # Held-out documents of a 40-file corpus: frequent tokens pinned to one expert bound what a
-    # score-layer nudge can balance here; the 3× cut on a real corpus is test_tuning's.
+    # score-layer nudge can balance here; the 3× cut on a real corpus is test_tuning's. The held-out
+    # target is out of reach, so tuning spends its whole budget: the small KL term (kl_weight=0.01)
+    # keeps the routing (0.714 agreement; balance loss alone: 0.696 at MaxVio 0.537).
     assert after["max_vio_global"] < 0.75 * before["max_vio_global"] and after["topk_agreement"] >= 0.7
     grouter, info = load_grouter(tuned["grouter"], expected_num_experts=2 * SOURCE_EXPERTS)
     assert grouter.config.expert_groups is not None

@@ -38,7 +38,7 @@ def test_distil_from_hf_family(family, stdlib_data, tmp_path):
     assert end["eval_kl"] <= 0.5 * start["eval_kl"]
     assert end["eval_topk_overlap"] >= 2 * end["chance_overlap"]
     grouter, info = load_grouter(summary["grouter"], expected_num_experts=8)
-    assert grouter.config.topk == 2
+    assert grouter.config.topk == 2 and grouter.config.causal  # causal by default
     assert info.provenance["source_model"]["model_type"] == family
 
 
@@ -77,3 +77,12 @@ def test_no_moe_layer_at_index_is_refused(stdlib_data, tmp_path):
     teacher = tiny_teacher_on_corpus("qwen3_moe", tmp_path / "teacher", stdlib_data["tokenizer"], 4096)
     with pytest.raises(UserError, match="dense"):
         run_distill(stdlib_data, "hf", teacher, tmp_path / "out", steps=1, extra=["source.moe_layer=0"])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_distillation_option_chooses_a_causal_or_bidirectional_grouter(causal, stdlib_data, tmp_path):
+    teacher = tiny_teacher_on_corpus("qwen3_moe", tmp_path / "teacher", stdlib_data["tokenizer"], 4096)
+    summary = run_distill(stdlib_data, "hf", teacher, tmp_path / "out", steps=2,
+                          extra=[f"grouter.causal={str(causal).lower()}"])
+    grouter, _ = load_grouter(summary["grouter"])
+    assert grouter.config.causal is causal and grouter.config.sees_future_tokens is not causal

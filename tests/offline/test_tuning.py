@@ -43,11 +43,11 @@ def tune(corpus, grouter_dir, out, *extra):
                                           "progress=false", f"out={out}", *extra]))
 
 
-@pytest.mark.parametrize("mode", ["weights", "bias"])
-def test_tuning_cuts_max_violation_and_keeps_most_routing(mode, corpus, imbalanced_grouter, tmp_path):
-    summary = tune(corpus, imbalanced_grouter, tmp_path / "tuned", f"mode={mode}")
+@pytest.mark.parametrize("mode, kl_weight", [("weights", 0.0), ("bias", 0.0), ("weights", 0.01)])
+def test_tuning_cuts_max_violation_and_keeps_most_routing(mode, kl_weight, corpus, imbalanced_grouter, tmp_path):
+    summary = tune(corpus, imbalanced_grouter, tmp_path / "tuned", f"mode={mode}", f"kl_weight={kl_weight}")
     before, after = summary["before"], summary["after"]
-    print(f"{mode}: MaxVioGlobal {before['max_vio_global']:.3f} → {after['max_vio_global']:.3f} on "
+    print(f"{summary['objective']}: MaxVioGlobal {before['max_vio_global']:.3f} → {after['max_vio_global']:.3f} on "
           f"{after['tokens']} held-out tokens, top-k agreement {after['topk_agreement']:.3f}, "
           f"{summary['tokens']} tuning tokens ({summary['tokens_per_s']:.0f}/s), stopped by {summary['stopped_by']}")
     assert before["max_vio_global"] > 0.6 and before["topk_agreement"] == 1.0
@@ -57,12 +57,24 @@ def test_tuning_cuts_max_violation_and_keeps_most_routing(mode, corpus, imbalanc
     source, _ = load_grouter(imbalanced_grouter)
     step = info.provenance["history"][-1]
     assert step["step"] == "tune" and step["mode"] == mode and step["after"]["max_vio_global"] == after["max_vio_global"]
+    assert step["kl_weight"] == kl_weight and step["objective"] == summary["objective"]
+    # The stop looks at held-out windows, not at the training batches.
+    assert summary["stopped_by"] == "target held-out MaxVioGlobal 0.1" and summary["stop_max_vio"] <= 0.1
+    assert tuned.config.causal == source.config.causal  # tuning keeps the causality
     for name, tensor in source.state_dict().items():
         changed = not torch.equal(tensor, tuned.state_dict()[name])
         if mode == "weights":
             assert changed == name.startswith("score."), name
         else:
             assert changed == (name == "expert_bias"), name
+
+
+def test_kl_to_the_distilled_routing_keeps_more_of_it_at_the_same_balance(corpus, imbalanced_grouter, tmp_path):
+    alone = tune(corpus, imbalanced_grouter, tmp_path / "alone", "kl_weight=0")
+    anchored = tune(corpus, imbalanced_grouter, tmp_path / "anchored", "kl_weight=0.01")
+    print(f"top-k agreement at held-out MaxVioGlobal <= 0.1: balance loss alone {alone['after']['topk_agreement']:.3f}, "
+          f"+ 0.01·KL {anchored['after']['topk_agreement']:.3f}")
+    assert anchored["after"]["topk_agreement"] > alone["after"]["topk_agreement"]
 
 
 def test_load_balancing_loss_is_one_when_balanced_and_pushes_heavy_experts_down():
@@ -79,3 +91,5 @@ def test_bad_settings_are_refused(corpus, imbalanced_grouter, tmp_path):
         tune(corpus, imbalanced_grouter, tmp_path / "x", "mode=nonsense")
     with pytest.raises(UserError, match="max_tokens"):
         tune(corpus, imbalanced_grouter, tmp_path / "x", "max_tokens=0")
+    with pytest.raises(UserError, match="kl_weight"):
+        tune(corpus, imbalanced_grouter, tmp_path / "x", "mode=bias", "kl_weight=1")

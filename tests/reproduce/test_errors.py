@@ -40,3 +40,8 @@ def test_stage_keys_follow_settings_and_inputs(tmp_path):
     assert changed.begin() == "reset" and not (stage.directory / "partial").exists()
     again = Stage("tune", tmp_path / "tune", {"args": ["max_tokens=20"]}, ["upstream-a"])
     assert again.begin() == "resume"  # same key, never finished: the tool resumes in place
+
+
+def test_bidirectional_row_needs_its_chain():
+    with pytest.raises(UserError, match="grouter_tuned_bidirectional needs the bidirectional Grouter chain"):
+        router_overrides("grouter_tuned_bidirectional", Path("raw"), Path("tuned"), Path("cache"))

@@ -61,3 +61,28 @@ def test_rerun_skips_finished_stages_and_reruns_changed_ones(micro_experiment, m
         assert after[name] > before[name], name
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["runs"]["aux_loss-s1"]["steps"] == 6
+
+
+@pytest.fixture(scope="module")
+def with_bidirectional_row(micro_corpus, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("reproduce") / "micro-bidirectional"
+    routers = ["aux_loss", "grouter_tuned", "grouter_tuned_bidirectional"]
+    return out_dir, reproduce_in_process(micro_overrides(out_dir, micro_corpus, routers, [1]))
+
+
+def test_grouter_rows_are_causal_and_the_bidirectional_row_is_labelled(with_bidirectional_row):
+    from megatron_grouter.grouter.checkpoint import load_grouter
+
+    out_dir, report = with_bidirectional_row
+    summary = json.loads((out_dir / "summary.json").read_text())
+    tuned = load_grouter(summary["stages"]["tune"]["grouter"])[0].config
+    bidirectional = load_grouter(summary["stages"]["tune-bidirectional"]["grouter"])[0].config
+    assert tuned.causal and not bidirectional.causal
+    assert not summary["runs"]["grouter_tuned-s1"]["sees_future_tokens"]
+    assert summary["runs"]["grouter_tuned_bidirectional-s1"]["sees_future_tokens"]
+    assert not summary["headline"]["sees_future_tokens"]
+    text = report.read_text()
+    assert "| grouter_tuned_bidirectional-s1 (sees future tokens) |" in text
+    assert "| grouter_tuned-s1 |" in text and "grouter_tuned-s1 (sees" not in text
+    assert "Data efficiency of `grouter_tuned` against" in text
+    assert "| 1 | aux_loss" in text and "grouter_tuned_bidirectional (sees future tokens)" in text

@@ -22,11 +22,13 @@ def small_corpus(stdlib_data: dict, out_dir: Path, documents: int = 40) -> dict:
     return {"prefix": str(paths.prefix), "tokenizer": stdlib_data["tokenizer"], "out_dir": str(out_dir)}
 
 
-def random_grouter(tokenizer_path: str, out_dir: Path, seed: int = 0, num_experts: int = NUM_EXPERTS) -> Path:
+def random_grouter(tokenizer_path: str, out_dir: Path, seed: int = 0, num_experts: int = NUM_EXPERTS,
+                   causal: bool = True) -> Path:
     tokenizer = load_tokenizer(tokenizer_path)
     torch.manual_seed(seed)
     grouter = Grouter(GrouterConfig(vocab_size=tokenizer.vocab_size, num_experts=num_experts, topk=TOPK,
-                                    hidden_size=32, num_layers=1, num_heads=4, max_seq_length=WINDOW))
+                                    hidden_size=32, num_layers=1, num_heads=4, max_seq_length=WINDOW,
+                                    causal=causal))
     with torch.no_grad():  # decisive routing, as a distilled Grouter's
         grouter.score.weight.mul_(50)
     save_grouter(grouter, out_dir, provenance={"source_model": "random (test)"},
