@@ -167,7 +167,8 @@ class Trainer:
         return {"tokens_seen": self.tokens_seen, "world_size": self.layout.world_size,
                 "config": asdict(self.config), "vocab_size": self.vocab_size,
                 "expert_parallel": self.layout.expert_parallel,
-                "tensor_parallel": self.layout.tensor_parallel}
+                "tensor_parallel": self.layout.tensor_parallel,
+                **{k: v for hook in self.hooks if hasattr(hook, "train_state") for k, v in hook.train_state().items()}}
 
     def save(self) -> None:
         path = ckpt.save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer,
@@ -184,6 +185,8 @@ class Trainer:
         if not path.exists():
             raise UserError(f"train.resume={resume} does not exist; use train.resume=auto or none")
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        for hook in (hook for hook in self.hooks if hasattr(hook, "check_resume")):
+            hook.check_resume(state)
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         log.info("resumed from %s at step %d", path, self.step)
