@@ -93,4 +93,47 @@ def apply_cpu_compat() -> None:
     # 3. dist_checkpointing's async filesystem writer synchronises CUDA after its copies to CPU.
     torch.cuda.synchronize = lambda *args, **kwargs: None
 
+    _answer_alltoall_dispatcher_cuda_assumptions()
     _APPLIED = True
+
+
+class _HostEvent:
+    """Work on the host is done when it returns: nothing to wait for."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _HostStream(torch.cpu.Stream):
+    def record_event(self, event=None):
+        return event or _HostEvent()
+
+
+def _answer_alltoall_dispatcher_cuda_assumptions() -> None:
+    """megatron's MoEAlltoAllTokenDispatcher (the baseline of benchmarks/dispatch.py):
+    - it makes a side stream for its device→host copies (torch.cuda.Stream, current_stream,
+      torch.cuda.stream) and an event on it: torch.cpu's streams are no-ops with the same
+      methods, but record no event, so the stream answers with a no-op event;
+    - its split sizes reach all_to_all_single as numpy arrays only when maybe_move_tensor_to_cpu
+      converts them, which it does for CUDA tensors only; on CPU they stay tensors, so the
+      conversion is applied to CPU tensors too."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    torch.cuda.Stream = _HostStream
+    torch.cuda.current_stream = torch.cpu.current_stream
+    torch.cuda.stream = torch.cpu.stream
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda and as_numpy:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
