@@ -249,3 +249,21 @@ def test_resume_under_another_plan_is_refused(setup, tmp_path):
             train_in_process(train_overrides(setup, out, plan=other, extra=["train.steps=2"]))
         assert "trained under plan" in str(caught.value) and "\n" not in str(caught.value)
     train_in_process(train_overrides(setup, out, plan=first, extra=["train.steps=2"]))  # its own plan resumes
+
+
+def test_offline_plans_on_four_ranks_two_ep_groups(setup, tmp_path):
+    """DP=4 over two EP=2 groups, one sample per micro-batch: the book's replica index picks each
+    group's micro-batches; losses equal the count exchange's bit for bit, no planning collective."""
+    book_dir, bare = tmp_path / "book_plan", tmp_path / "bare"
+    summary = plan_ep(plan_config(setup, book_dir / "plan.npz", ["dp_size=4", "train.micro_batch_size=1"]))
+    assert Path(summary["book"]) == book_path(book_dir / "plan.npz")
+    bare.mkdir()
+    shutil.copy(book_dir / "plan.npz", bare / "plan.npz")
+    layout = ["parallel=ep2_planned", "train.micro_batch_size=1", "train.steps=2"]
+    for name, plan in (("book", book_dir / "plan.npz"), ("exchange", bare / "plan.npz")):
+        counting_run(4, train_overrides(setup, tmp_path / name, plan=plan, extra=layout))
+    assert train_losses(tmp_path / "book") == train_losses(tmp_path / "exchange")
+    assert len(train_losses(tmp_path / "book")) == 2
+    for name, expected in (("book", 0), ("exchange", GLOBAL_BATCH // 4)):
+        for steps in collectives(tmp_path / name, 4):
+            assert all(sum(regions.get("plan", {}).values()) == expected for regions in steps.values())
