@@ -50,20 +50,34 @@ class Topology:
                 f"{self.hidden_size}×{self.bytes_per_element} B")
 
 
-def alltoall_seconds(pairs_RR: np.ndarray, topology: Topology) -> float:
-    """T = max_i T_i of the α–β model above, for one all-to-all of matrix pairs_RR (rows)."""
+def rank_terms(pairs_RR: np.ndarray, topology: Topology) -> dict[str, np.ndarray]:
+    """Per-rank terms of the model, in seconds: latency, intra-node and inter-node transfer."""
     num_ranks = pairs_RR.shape[0]
     topology.check(num_ranks)
     sends_RR = np.asarray(pairs_RR, dtype=np.float64).copy()
     np.fill_diagonal(sends_RR, 0.0)
     node_R = np.arange(num_ranks) // topology.gpus_per_node
     same_RR = node_R[:, None] == node_R[None, :]
-    out_intra, out_inter = (sends_RR * same_RR).sum(1), (sends_RR * ~same_RR).sum(1)
-    in_intra, in_inter = (sends_RR * same_RR).sum(0), (sends_RR * ~same_RR).sum(0)
+    intra_R = np.maximum((sends_RR * same_RR).sum(1), (sends_RR * same_RR).sum(0))
+    inter_R = np.maximum((sends_RR * ~same_RR).sum(1), (sends_RR * ~same_RR).sum(0))
     peers_R = ((sends_RR > 0) | (sends_RR.T > 0)).sum(1)
-    bandwidth = np.maximum(np.maximum(out_intra, in_intra) * topology.row_bytes / (topology.intra_node_GBps * 1e9),
-                           np.maximum(out_inter, in_inter) * topology.row_bytes / (topology.inter_node_GBps * 1e9))
-    return float((topology.latency_us * 1e-6 * peers_R + bandwidth).max())
+    return {"latency": topology.latency_us * 1e-6 * peers_R,
+            "intra": intra_R * topology.row_bytes / (topology.intra_node_GBps * 1e9),
+            "inter": inter_R * topology.row_bytes / (topology.inter_node_GBps * 1e9)}
+
+
+def alltoall_seconds(pairs_RR: np.ndarray, topology: Topology) -> float:
+    """T = max_i T_i of the α–β model above, for one all-to-all of matrix pairs_RR (rows)."""
+    terms = rank_terms(pairs_RR, topology)
+    return float((terms["latency"] + np.maximum(terms["intra"], terms["inter"])).max())
+
+
+def _describe(pairs_RR: np.ndarray, topology: Topology) -> str:
+    terms = rank_terms(pairs_RR, topology)
+    slowest = int((terms["latency"] + np.maximum(terms["intra"], terms["inter"])).argmax())
+    total = terms["latency"][slowest] + max(terms["intra"][slowest], terms["inter"][slowest])
+    return (f"{2e3 * total:.3f} ms (slowest rank {slowest}: latency {1e3 * terms['latency'][slowest]:.3f}, "
+            f"intra {1e3 * terms['intra'][slowest]:.3f}, inter {1e3 * terms['inter'][slowest]:.3f} ms per all-to-all)")
 
 
 def layer_time_lines(default_RR: np.ndarray, planned_RR: np.ndarray, batches: int, topology: Topology) -> list[str]:
@@ -71,6 +85,6 @@ def layer_time_lines(default_RR: np.ndarray, planned_RR: np.ndarray, batches: in
     default = alltoall_seconds(default_RR / batches, topology)
     planned = alltoall_seconds(planned_RR / batches, topology)
     ratio = f"{planned / default:.3f}x" if default else "n/a"
-    return [f"α–β all-to-all model ({topology.describe()}): per MoE layer and global batch, forward "
-            f"(dispatch + combine; backward doubles it): default {2e3 * default:.3f} ms, planned "
-            f"{2e3 * planned:.3f} ms ({ratio} default)"]
+    return [f"α–β all-to-all model ({topology.describe()}), per MoE layer and global batch, forward = dispatch + "
+            f"combine (backward doubles it): default {_describe(default_RR / batches, topology)}",
+            f"α–β all-to-all model: planned {_describe(planned_RR / batches, topology)}; planned ÷ default {ratio}"]

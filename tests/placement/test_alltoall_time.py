@@ -32,8 +32,18 @@ def test_planned_layout_predicted_faster_on_four_nodes_of_eight():
     topology = Topology(gpus_per_node=8)
     default = alltoall_seconds(report.default.pairs_RR / report.batches, topology)
     planned = alltoall_seconds(report.planned.pairs_RR / report.batches, topology)
-    (line,) = report.alltoall_lines(topology)
-    print("\n" + line)
-    assert 0 < planned < default and "8 GPUs/node" in line and "planned" in line
+    lines = report.alltoall_lines(topology)
+    print("\n" + "\n".join(lines))
+    assert 0 < planned < default and "8 GPUs/node" in lines[0] and "planned ÷ default" in lines[1]
     assert plan.groups()["node"] == (plan.expert_to_rank() // 8).tolist()
     assert report.default.pairs_RR.sum() == 1024 * 32 * 4  # every pair counted once
+
+
+def test_one_node_prints_no_nan():
+    topk_SLK, _ = planted_block_routing(256, 16, 16, 2, seed=1)
+    plan, report = make_plan(topk_SLK, 16, PlannerSettings(ep_size=4, global_batch=64, ranks_per_node=4,
+                                                           search_samples=128), "synthetic")
+    lines = report.lines() + report.alltoall_lines(Topology(gpus_per_node=4))
+    assert not any("nan" in line for line in lines)
+    assert any(line.startswith("dedup_sends_node: n/a") for line in lines)
+    assert plan.stats["ratios_to_default"]["dedup_sends_node"] is None

@@ -82,6 +82,9 @@ def test_plan_tool_reports_volumes_and_saves_fingerprints(setup):
     assert plan.placement_QRM.shape[0] == summary["batches"] >= STEPS
     assert len(plan.routing_cache_fingerprint) == 64 and len(plan.training["sample_order"]) == 64
     assert summary["ratios"]["dedup_sends_rank"] <= 1.0
+    assert "α–β all-to-all model" in summary["alltoall"][0] and "planned ÷ default" in summary["alltoall"][1]
+    assert Path(summary["book"]) == book_path(setup["root"] / "plan.npz") and Path(summary["book"]).is_file()
+    assert plan.groups()["gpu"] == plan.expert_to_rank().tolist()
     assert summary["planned"]["dedup_sends_rank"] >= summary["bound_ratio"] * summary["default"]["dedup_sends_rank"] - 1e-6
 
 
