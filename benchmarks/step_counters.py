@@ -84,6 +84,9 @@ class HostReads(TorchFunctionMode):
         read = derived and getattr(func, "__name__", "") in HOST_READS
         self.reads += read
         result = func(*args, **kwargs)
-        if derived and not read:  # what a read returns is a host copy: using it costs no sync
+        if read:  # what a read returns is a host copy (on CPU .cpu() returns the tensor itself)
+            for tensor in _tensors(result):
+                self.device_data.pop(id(tensor), None)
+        elif derived:
             self.taint(_tensors(result))
         return result
