@@ -1,16 +1,20 @@
-"""MoE-layer step time of the planned dispatcher against megatron-core's allgather dispatcher.
+"""MoE step time of the planned dispatcher against megatron-core's alltoall dispatcher.
 
-One megatron MoELayer per EP rank (gloo on CPU, NCCL with one GPU per rank), preemptive routing
-(FixedRouter over a fixed random top-k), forward + backward. Three dispatchers on the same layer,
-interleaved step by step so that machine noise hits them alike:
-  planned  — plan given (host-side counts: no count collective, no device→host sync)
-  counted  — the same dispatcher counting tokens per expert at run time (all-gather + host copy)
+A stack of megatron MoELayers per EP rank (gloo on CPU, NCCL with one GPU per rank), preemptive
+routing (FixedRouter over a fixed random top-k), forward + backward. Dispatchers on the same
+layers, interleaved step by step so that machine noise hits them alike; the per-micro-batch
+planning runs inside the timed step (the PlannedDispatchHook of training):
+  planned   — offline plans (a DispatchPlanBook): the plan is looked up, no collective
+  exchange  — the same dispatcher, counts all-gathered once per step for all layers
+  counted   — the planned dispatcher counting at run time in every layer (all-gather + host copy)
+  alltoall  — megatron-core's MoEAlltoAllTokenDispatcher: the named baseline
   allgather — megatron-core's MoEAllGatherTokenDispatcher (the CPU default)
-Prints the median step time of each and the ratios measured in this run. Then, unless
---planner-samples 0, times the EP placement planner (placement.make_plan) on synthetic routing.
+Prints, per EP size, the median step times, planned ÷ alltoall and exchange ÷ alltoall, and per
+MoE layer the metadata collectives and device→host reads (step_counters.py) of each. Then,
+unless --planner-samples 0, times the EP placement planner (placement.make_plan).
 
-  .venv/bin/python benchmarks/dispatch.py                         # EP=2, 4096 tokens per rank, top-2
-  .venv/bin/python benchmarks/dispatch.py --tokens 8192 --hidden 512 --planner-samples 0
+  .venv/bin/python benchmarks/dispatch.py                          # EP=2 and 4, 2048 tokens per rank
+  .venv/bin/python benchmarks/dispatch.py --ep 4 --tokens 8192 --planner-samples 0
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ import argparse
 import os
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.multiprocessing as mp
 
-DISPATCHERS = ("planned", "counted", "allgather")
+DISPATCHERS = ("planned", "exchange", "counted", "alltoall", "allgather")
 
 
 def build_layer(args, routing_context):
@@ -47,30 +52,55 @@ def build_layer(args, routing_context):
     return build_module(spec, config=config)
 
 
-def switchable_layer(args, device, indices_TK: torch.Tensor, weights_TK: torch.Tensor, plan):
-    """An MoE layer routed by indices_TK/weights_TK, and `use(name)` that picks its dispatcher:
-    planned (given `plan`), counted (planned dispatcher without a plan) or megatron's allgather."""
+def alltoall_dispatcher(layer):
+    """megatron-core's all-to-all dispatcher for `layer`, on the process groups its dispatcher uses."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    built = layer.token_dispatcher
+    groups = ProcessGroupCollection()
+    groups.ep, groups.expt_tp, groups.tp_ep = built.ep_group, built.tp_group, built.tp_ep_group
+    return MoEAlltoAllTokenDispatcher(layer.num_local_experts, layer.local_expert_indices, layer.config,
+                                      pg_collection=groups)
+
+
+def switchable_layer(args, device, indices_TK: torch.Tensor, weights_TK: torch.Tensor, plan, layers: int = 1):
+    """`layers` MoE layers routed by indices_TK/weights_TK, and `use(name)` that picks their
+    dispatcher: planned (given `plan`), counted (planned dispatcher without a plan), megatron's
+    allgather or alltoall. Returns (forward, use, dispatch context, routing context)."""
     from megatron_grouter.dispatch.context import DispatchContext
     from megatron_grouter.dispatch.planned_dispatcher import install_planned_dispatchers
     from megatron_grouter.routing.context import Routing, RoutingContext
 
     routing_context = RoutingContext()
-    layer = build_layer(args, routing_context).to(device)
-    allgather = layer.token_dispatcher
     dispatch_context = DispatchContext()
-    install_planned_dispatchers(layer, dispatch_context)
-    planned = layer.token_dispatcher
+    stack, dispatchers = torch.nn.ModuleList(), []
+    for _ in range(layers):
+        layer = build_layer(args, routing_context).to(device)
+        choices = {"allgather": layer.token_dispatcher,
+                   "alltoall": alltoall_dispatcher(layer) if args.ep > 1 else layer.token_dispatcher}
+        install_planned_dispatchers(layer, dispatch_context)
+        choices["planned"] = layer.token_dispatcher
+        stack.append(layer)
+        dispatchers.append(choices)
     routing_context.set(Routing(indices_TK.view(args.tokens, 1, args.topk).to(device),
                                 weights_TK.view(args.tokens, 1, args.topk).to(device)))
 
     def use(name: str) -> None:
-        layer.token_dispatcher = allgather if name == "allgather" else planned
-        if name == "planned":
+        for layer, choices in zip(stack, dispatchers):
+            layer.token_dispatcher = choices.get(name, choices["planned"])
+        if name == "planned" and plan is not None:
             dispatch_context.set(plan)
         else:
             dispatch_context.clear()
 
-    return layer, use
+    def forward(hidden_TBH):
+        for layer in stack:
+            hidden_TBH = layer(hidden_TBH)[0]
+        return hidden_TBH
+
+    forward.layers = stack
+    return forward, use, dispatch_context, routing_context
 
 
 def rank_routing(args, rank: int) -> torch.Tensor:
@@ -84,16 +114,44 @@ def worker(rank: int, args, port: int, results) -> None:
     torch.set_num_threads(args.threads)
     import torch.distributed as dist
 
-    from megatron_grouter.dispatch.plan import DispatchPlan, routed_expert_counts
+    import step_counters
+
+    step_counters.wrap_collectives()  # before megatron_grouter binds its aliases
+    import numpy as np
+
+    from megatron.core import parallel_state
+
+    from megatron_grouter.dispatch.plan import routed_expert_counts
+    from megatron_grouter.dispatch.plan_book import DispatchPlanBook
+    from megatron_grouter.dispatch.planning_hook import PlannedDispatchHook
+    from megatron_grouter.routing.context import Routing
     from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
 
     layout = init_distributed(expert_parallel=args.ep, num_experts=args.experts)
     try:
-        plan = DispatchPlan(torch.stack([routed_expert_counts(rank_routing(args, peer), args.experts)
-                                         for peer in range(args.ep)]))
-        layer, use = switchable_layer(args, layout.device, rank_routing(args, rank),
-                                      torch.full((args.tokens, args.topk), 1.0 / args.topk), plan)
+        counts_RE = torch.stack([routed_expert_counts(rank_routing(args, peer), args.experts)
+                                 for peer in range(args.ep)])
+        book = DispatchPlanBook({}, counts_RE.numpy()[None, None, None].astype(np.int32))
+        indices_TK = rank_routing(args, rank)
+        weights_TK = torch.full((args.tokens, args.topk), 1.0 / args.topk)
+        forward, use, context, routing_context = switchable_layer(args, layout.device, indices_TK, weights_TK,
+                                                                  None, args.layers)
+        host_routing = SimpleNamespace(host_routing=Routing(indices_TK.view(args.tokens, 1, args.topk),
+                                                            weights_TK.view(args.tokens, 1, args.topk)))
+        group = parallel_state.get_expert_model_parallel_group()
+        hooks = {"planned": PlannedDispatchHook(host_routing, context, args.experts, group, layout.device, book=book),
+                 "exchange": PlannedDispatchHook(host_routing, context, args.experts, group, layout.device)}
+        trainer, batch = SimpleNamespace(training=True, step=0), SimpleNamespace(micro_batch_index=0)
         hidden_TBH = torch.randn(args.tokens, 1, args.hidden, device=layout.device)
+
+        def run(name: str) -> None:
+            hook = hooks.get(name)
+            if hook is not None:  # the training hook's planning, inside the step
+                hook.before_forward(trainer, batch)
+            inputs = hidden_TBH.clone().requires_grad_(True)
+            forward(inputs).float().square().mean().backward()
+            if hook is not None:
+                hook.after_forward(trainer, batch)
 
         def step(name: str) -> float:
             use(name)
@@ -101,14 +159,23 @@ def worker(rank: int, args, port: int, results) -> None:
             if layout.device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            inputs = hidden_TBH.clone().requires_grad_(True)
-            output, _ = layer(inputs)
-            output.float().square().mean().backward()
+            run(name)
             if layout.device.type == "cuda":
                 torch.cuda.synchronize()
             dist.barrier()
             return time.perf_counter() - started
 
+        def counters(name: str) -> dict:
+            use(name)
+            step_counters.collective_calls.clear()
+            sources = [hidden_TBH, *forward.layers.parameters(), *routing_context._routing.__dict__.values()]
+            with step_counters.HostReads(sources) as reads:
+                run(name)
+            calls = dict(step_counters.collective_calls)
+            return {"metadata": calls.get("metadata", 0) / args.layers, "tokens": calls.get("tokens", 0) / args.layers,
+                    "host_reads": reads.reads / args.layers}
+
+        counts = {name: counters(name) for name in DISPATCHERS}
         times = {name: [] for name in DISPATCHERS}
         for iteration in range(args.warmup + args.steps):
             for name in DISPATCHERS:
@@ -117,9 +184,26 @@ def worker(rank: int, args, port: int, results) -> None:
                     times[name].append(seconds)
         if rank == 0:
             results.update({name: statistics.median(values) for name, values in times.items()})
-            results["splits"] = plan.for_rank(0).input_splits
+            results["counts"] = counts
+            results["splits"] = book.plan_at(0, 0, 0).for_rank(0).input_splits
     finally:
         shutdown_distributed()
+
+
+def report(args, results: dict) -> None:
+    splits, counts = results["splits"], results["counts"]
+    print(f"EP={args.ep}: {args.layers} MoE layers fwd+bwd, {args.tokens} tokens/rank, hidden {args.hidden}, "
+          f"ffn {args.ffn}, E={args.experts} top-{args.topk}, median of {args.steps} steps; token copies rank 0 "
+          f"sends to peers per layer and direction: {sum(splits) - splits[0]}")
+    print(f"  {'dispatcher':<10} {'step ms':>9} {'÷ alltoall':>11} {'metadata coll./layer':>21} "
+          f"{'token coll./layer':>18} {'host reads/layer':>17}")
+    for name in DISPATCHERS:
+        c = counts[name]
+        print(f"  {name:<10} {results[name] * 1e3:9.2f} {results[name] / results['alltoall']:11.3f} "
+              f"{c['metadata']:21.2f} {c['tokens']:18.2f} {c['host_reads']:17.2f}")
+    print(f"  ratios (baseline megatron alltoall): planned/alltoall {results['planned'] / results['alltoall']:.3f}  "
+          f"exchange/alltoall {results['exchange'] / results['alltoall']:.3f}  "
+          f"counted/alltoall {results['counted'] / results['alltoall']:.3f}")
 
 
 def time_planner(samples: int, tokens: int, experts: int, topk: int, ep: int, batch: int) -> None:
@@ -146,13 +230,14 @@ def time_planner(samples: int, tokens: int, experts: int, topk: int, ep: int, ba
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ep", type=int, default=2)
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank (s·b)")
+    parser.add_argument("--ep", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--layers", type=int, default=4, help="MoE layers per step (share one plan)")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank (s·b)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--ffn", type=int, default=256)
     parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--topk", type=int, default=2, help="top-k = EP: both move equal rows")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--topk", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--planner-samples", type=int, default=1_000_000)
@@ -163,21 +248,12 @@ def main() -> None:
 
     from megatron_grouter.runtime.distributed import free_port
 
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(worker, args=(args, free_port(), results), nprocs=args.ep, join=True)
-        results = dict(results)
-    splits = results["splits"]
-    # all-to-all moves token copies (one per routed expert); allgather moves every token once.
-    print(f"MoE layer fwd+bwd, EP={args.ep}, {args.tokens} tokens/rank, hidden {args.hidden}, "
-          f"ffn {args.ffn}, E={args.experts} top-{args.topk}, median of {args.steps} steps; rows "
-          f"rank 0 sends to peers per direction: all-to-all {sum(splits) - splits[0]}, allgather "
-          f"{args.tokens * (args.ep - 1)}:")
-    for name in DISPATCHERS:
-        print(f"  {name:<10} {results[name] * 1e3:8.2f} ms")
-    print(f"  ratios: allgather/planned {results['allgather'] / results['planned']:.3f}  "
-          f"counted/planned {results['counted'] / results['planned']:.3f}  "
-          f"allgather/counted {results['allgather'] / results['counted']:.3f}")
+    for ep in args.ep:
+        run_args = argparse.Namespace(**{**vars(args), "ep": ep})
+        with mp.Manager() as manager:
+            results = manager.dict()
+            mp.spawn(worker, args=(run_args, free_port(), results), nprocs=ep, join=True)
+            report(run_args, dict(results))
     if args.planner_samples > 0:
         time_planner(args.planner_samples, args.planner_tokens, args.experts, args.topk,
                      args.planner_ep, args.planner_batch)

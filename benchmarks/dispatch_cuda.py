@@ -41,14 +41,15 @@ def main() -> None:
     try:
         indices_TK = rank_routing(args, 0)
         plan = DispatchPlan(routed_expert_counts(indices_TK, args.experts)[None])
-        layer, use = switchable_layer(args, layout.device, indices_TK, torch.rand(args.tokens, args.topk), plan)
+        forward, use, _, _ = switchable_layer(args, layout.device, indices_TK, torch.rand(args.tokens, args.topk), plan)
+        layer = forward.layers
         hidden_TBH = torch.randn(args.tokens, 1, args.hidden, device=layout.device)
 
         def step(name: str):
             use(name)
             layer.zero_grad(set_to_none=True)
             inputs = hidden_TBH.clone().requires_grad_(True)
-            output, _ = layer(inputs)
+            output = forward(inputs)
             output.float().square().mean().backward()
             return output.detach(), inputs.grad, [p.grad.clone() for p in layer.parameters()]
 

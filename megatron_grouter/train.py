@@ -25,6 +25,7 @@ log = logging.getLogger("megatron_grouter")
 def build_trainer(root, layout):
     """Data, model, optimizer and the routing/dispatch hooks of a composed config."""
     from megatron_grouter.dispatch.setup import build_dispatch_hook
+    from megatron_grouter.placement.plan_state import PlanIdentityHook
     from megatron_grouter.placement.training_plan import load_training_plan, traffic_hook
     from megatron_grouter.routing.setup import build_routing_hook
     from megatron_grouter.runtime.seed import set_seed
@@ -38,10 +39,11 @@ def build_trainer(root, layout):
     planned = load_training_plan(root, data.prefix, data.train)
     trainer = Trainer(root, layout, data.train, data.valid, vocab_size=data.model_vocab_size,
                       **(planned.trainer_arguments() if planned else {}))
+    trainer.hooks.append(PlanIdentityHook(planned.plan if planned else None, root.router.grouter.plan))
     hook = build_routing_hook(root, trainer, data.prefix, data.tokenizer, layout.device)
     if hook is not None:
         trainer.hooks.append(hook)
-    dispatch_hook = build_dispatch_hook(root, trainer, hook)
+    dispatch_hook = build_dispatch_hook(root, trainer, hook, planned)
     if dispatch_hook is not None:  # after the routing hook: plans the same micro-batch
         trainer.hooks.append(dispatch_hook)
     traffic = traffic_hook(root, planned.plan if planned else None, hook)

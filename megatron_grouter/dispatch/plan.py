@@ -41,6 +41,16 @@ class DispatchPlan:
         self.num_local_experts = self.num_experts // self.ep_size
         self._splits: dict[int, RankSplits] = {}
 
+    @classmethod
+    def trusted(cls, tokens_per_expert_RE: torch.Tensor) -> "DispatchPlan":
+        """A plan from host int64 counts already checked (an offline book's): no validation pass."""
+        plan = cls.__new__(cls)
+        plan.tokens_per_expert_RE = tokens_per_expert_RE
+        plan.ep_size, plan.num_experts = tokens_per_expert_RE.shape
+        plan.num_local_experts = plan.num_experts // plan.ep_size
+        plan._splits = {}
+        return plan
+
     @cached_property
     def tokens_per_rank_and_local_expert_RPL(self) -> torch.Tensor:
         """[source rank, destination rank, local expert] counts."""

@@ -46,6 +46,29 @@ def _training_dataset(cfg: DictConfig):
     return train_ds
 
 
+def _topology(cfg: DictConfig):
+    from megatron_grouter.placement.alltoall_time import Topology
+
+    settings = dict(cfg.topology)
+    settings["gpus_per_node"] = settings.get("gpus_per_node") or cfg.ranks_per_node
+    return Topology(**settings)
+
+
+def _write_book(cfg: DictConfig, plan, topk_SLK, plan_path):
+    """Every micro-batch's dispatch plan for the run's layout, beside the plan."""
+    from megatron_grouter.dispatch.plan_book import DispatchPlanBook, book_path
+
+    dp_size = cfg.dp_size or cfg.ep_size
+    micro_batch_size = cfg.train.get("micro_batch_size") or plan.global_batch // dp_size
+    started = time.perf_counter()
+    book = DispatchPlanBook.build(plan, topk_SLK, micro_batch_size, dp_size)
+    path = book.save(book_path(plan_path))
+    log.info("plan-ep: dispatch plans of %d steps x %d micro-batches (DP %d, micro-batch %d) in %.1fs: %s",
+             book.counts_QXMRE.shape[0], book.micro_batches, dp_size, micro_batch_size,
+             time.perf_counter() - started, path)
+    return path
+
+
 def plan_ep(cfg: DictConfig) -> dict:
     from megatron_grouter.placement.planner import PlannerSettings, make_plan
     from megatron_grouter.placement.training_samples import (cache_fingerprint, sample_order_fingerprint,
@@ -62,6 +85,11 @@ def plan_ep(cfg: DictConfig) -> dict:
     settings.check(num_experts)
     train_ds = _training_dataset(cfg)
     num_batches = len(train_ds) // global_batch  # ≥ train.steps: GPTDataset adds epochs as needed
+    if len(train_ds) % global_batch:
+        log.info("plan-ep: the last %d samples (a partial global batch) are dropped: the plan's schedule repeats its "
+                 "%d whole batches", len(train_ds) % global_batch, num_batches)
+    topology = _topology(cfg)
+    topology.check(cfg.ep_size)
     log.info("plan-ep: %d batches of %d samples x %d tokens, E=%d top-%d, EP %d (%s), cache %s", num_batches,
              global_batch, cfg.train.seq_length, num_experts, cache.topk, cfg.ep_size, cfg.granularity, cache.directory)
     started = time.perf_counter()
@@ -74,14 +102,16 @@ def plan_ep(cfg: DictConfig) -> dict:
                      "seed": cfg.train.seed, "steps": cfg.train.steps, "split": cfg.data.split,
                      "prefix": cfg.data.prefix}
     path = plan.save(cfg.out)
+    book = _write_book(cfg, plan, topk_SLK, path) if cfg.dispatch_book else None
     default, planned = report.default.summary(), report.planned.summary()
     for name in ("dedup_sends_rank", "pairs_leaving_rank", "dedup_sends_node", "pairs_leaving_node"):
         log.info("plan-ep: %-19s default %12d  planned %12d", name, default[name], planned[name])
-    for line in report.lines():
+    for line in report.lines() + report.alltoall_lines(topology):
         log.info("plan-ep: %s", line)
     log.info("plan-ep: saved %s", path)
     ratios = report.planned.ratios_to(report.default)
-    return {"plan": str(path), "batches": num_batches, "default": default, "planned": planned,
+    return {"plan": str(path), "book": book and str(book), "batches": num_batches, "default": default,
+            "planned": planned, "alltoall": report.alltoall_lines(topology),
             "ratios": ratios, "bound_ratio": report.capacity_free_sends / max(default["dedup_sends_rank"], 1),
             "seconds": {"read": read_seconds, **report.seconds}}
 

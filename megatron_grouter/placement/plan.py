@@ -11,6 +11,7 @@ is stored as one .npz whose `meta` entry is a json string, written atomically (t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -82,6 +83,26 @@ class Plan:
         """EP rank that hosts each Grouter expert."""
         return self.expert_to_slot() // (self.num_experts // self.ep_size)
 
+    def expert_to_node(self) -> np.ndarray:
+        """Node that hosts each Grouter expert (node of EP rank r: r // ranks_per_node)."""
+        return self.expert_to_rank() // self.ranks_per_node
+
+    def groups(self) -> dict[str, list[int]]:
+        """GPU- and node-level expert groups: the EP rank and the node of each Grouter expert."""
+        return {"gpu": self.expert_to_rank().tolist(), "node": self.expert_to_node().tolist()}
+
+    def fingerprint(self) -> str:
+        """sha256 over what training depends on: metadata (but stats), expert slots and placement.
+
+        A run stores it in its train state, so it cannot resume under another plan.
+        """
+        digest = hashlib.sha256()
+        identity = {key: value for key, value in self._meta().items() if key != "stats"}
+        digest.update(json.dumps(identity, sort_keys=True).encode())
+        for array in (self.slot_to_expert, self.placement_QRM):
+            digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+        return digest.hexdigest()
+
     def sample_to_rank(self, num_samples: int) -> np.ndarray:
         """EP rank of every sample id below num_samples, -1 for samples the plan does not place."""
         rank_S = np.full(num_samples, -1, dtype=np.int64)
@@ -106,6 +127,7 @@ class Plan:
             "ep_size": self.ep_size,
             "ranks_per_node": self.ranks_per_node,
             "granularity": self.granularity,
+            "groups": self.groups(),
             "routing_cache_fingerprint": self.routing_cache_fingerprint,
             "stats": self.stats,
             "training": self.training,

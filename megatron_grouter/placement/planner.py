@@ -79,13 +79,22 @@ class PlanReport:
     planned: Volumes
     capacity_free_sends: float
     seconds: dict[str, float]
+    batches: int = 1  # global batches the volumes were measured on
+
+    def alltoall_lines(self, topology) -> list[str]:
+        """Predicted per-layer all-to-all times of both layouts on `topology` (alltoall_time.py)."""
+        from megatron_grouter.placement.alltoall_time import layer_time_lines
+
+        return layer_time_lines(self.default.pairs_RR, self.planned.pairs_RR, self.batches, topology)
 
     def lines(self) -> list[str]:
         """Human-readable summary lines."""
         ratios = self.planned.ratios_to(self.default)
-        bound = self.capacity_free_sends / self.default.dedup_sends_rank if self.default.dedup_sends_rank else float("nan")
-        return [f"{name}: {value:.3f}x default" for name, value in ratios.items()] + [
-            f"capacity-free relaxation (same groups): {bound:.3f}x default",
+        sends = self.default.dedup_sends_rank
+        return [f"{name}: " + ("n/a (no such traffic in the default layout)" if value is None
+                               else f"{value:.3f}x default") for name, value in ratios.items()] + [
+            "capacity-free relaxation (same groups): "
+            + (f"{self.capacity_free_sends / sends:.3f}x default" if sends else "n/a (no sends in the default layout)"),
             "seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()),
         ]
 
@@ -133,7 +142,7 @@ def _expand_to_ranks(placement_QNM: np.ndarray, ranks_per_partition: int) -> np.
 
 def _report_volumes(
     topk_SLK: np.ndarray, batches_QB: np.ndarray, plan: Plan, settings: PlannerSettings
-) -> tuple[Volumes, Volumes, float]:
+) -> tuple[Volumes, Volumes, float, int]:
     """Default and planned volumes plus the capacity-free bound, on at most `report_samples`
     samples (whole random batches), since each volume is a full pass over the routing."""
     num_batches, global_batch = batches_QB.shape
@@ -150,7 +159,7 @@ def _report_volumes(
     default = compute_volumes(topk_SLK, contiguous_expert_to_rank(plan.num_experts, ep), default_rank_S, ep, per_node)
     planned = compute_volumes(topk_SLK, plan.expert_to_rank(), planned_rank_S, ep, per_node)
     relaxed = capacity_free_sends(topk_SLK[np.flatnonzero(keep_S)], plan.expert_to_rank(), ep)
-    return default, planned, relaxed
+    return default, planned, relaxed, count
 
 
 def make_plan(
@@ -195,9 +204,8 @@ def make_plan(
         placement_QRM=placement_QRM,
     )
     started = time.perf_counter()
-    default, planned, relaxed = _report_volumes(topk_SLK, batches_QB, plan, settings)
+    default, planned, relaxed, batches = _report_volumes(topk_SLK, batches_QB, plan, settings)
     seconds["volumes"] = time.perf_counter() - started
-    report = PlanReport(default, planned, relaxed, seconds)
-    ratios = {name: (None if np.isnan(value) else value) for name, value in planned.ratios_to(default).items()}
-    plan.stats = {"ratios_to_default": ratios, "planned": planned.summary(), "default": default.summary()}
+    report = PlanReport(default, planned, relaxed, seconds, batches)
+    plan.stats = {"ratios_to_default": planned.ratios_to(default), "planned": planned.summary(), "default": default.summary()}
     return plan, report

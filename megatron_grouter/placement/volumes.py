@@ -30,12 +30,16 @@ class Volumes:
     sends_per_rank: np.ndarray
     recvs_per_rank: np.ndarray
     sends_per_node: np.ndarray
+    # token-expert pairs sent from the token's rank (row) to the expert's rank (column): what a
+    # pair-wise all-to-all (megatron's, the planned dispatcher) moves; the diagonal stays local
+    pairs_RR: np.ndarray | None = None
 
-    def ratios_to(self, baseline: "Volumes") -> dict[str, float]:
-        """This layout's volumes divided by the baseline's (lower is better)."""
+    def ratios_to(self, baseline: "Volumes") -> dict[str, float | None]:
+        """This layout's volumes divided by the baseline's (lower is better); None where the
+        baseline has no such traffic (node volumes on one node), so no report prints nan."""
 
-        def ratio(ours: float, theirs: float) -> float:
-            return float(ours) / float(theirs) if theirs else float("nan")
+        def ratio(ours: float, theirs: float) -> float | None:
+            return float(ours) / float(theirs) if theirs else None
 
         return {
             "dedup_sends_rank": ratio(self.dedup_sends_rank, baseline.dedup_sends_rank),
@@ -78,16 +82,20 @@ def compute_volumes(
 
     sends_S = distinct_S - hit_SN[rows, rank_S]
     node_sends_S = node_distinct_S - node_hit_SN[rows, node_S]
+    pairs_SN = local_pairs(counts_SE, expert_to_rank, num_ranks)
+    pairs_RR = np.zeros((num_ranks, num_ranks), dtype=np.int64)
+    np.add.at(pairs_RR, rank_S, pairs_SN)
     remote_hits_SN = hit_SN.copy()
     remote_hits_SN[rows, rank_S] = 0
     return Volumes(
         tokens=tokens,
         pairs=pairs,
-        pairs_leaving_rank=pairs - int(local_pairs(counts_SE, expert_to_rank, num_ranks)[rows, rank_S].sum()),
+        pairs_leaving_rank=pairs - int(pairs_SN[rows, rank_S].sum()),
         pairs_leaving_node=pairs - int(local_pairs(counts_SE, expert_to_node, num_nodes)[rows, node_S].sum()),
         dedup_sends_rank=int(sends_S.sum()),
         dedup_sends_node=int(node_sends_S.sum()),
         sends_per_rank=np.bincount(rank_S, weights=sends_S, minlength=num_ranks).astype(np.int64),
         recvs_per_rank=remote_hits_SN.sum(axis=0),
         sends_per_node=np.bincount(node_S, weights=node_sends_S, minlength=num_nodes).astype(np.int64),
+        pairs_RR=pairs_RR,
     )

@@ -60,6 +60,12 @@ def _predispatch_job():
     return predispatch
 
 
+def _plan_ep_job():
+    from megatron_grouter.offline.plan_ep import plan_ep
+
+    return plan_ep
+
+
 def _probe_job():
     from megatron_grouter.reproduce.stability import probe_main
 
@@ -75,6 +81,7 @@ TOOLS = {
     "tune": Tool("megatron_grouter.offline.convert_cli", "tune", "tool", "tune", _convert_job("tune"), True),
     "predispatch": Tool("megatron_grouter.offline.predispatch", None, "tool", "predispatch",
                         _predispatch_job, True),
+    "plan_ep": Tool("megatron_grouter.offline.plan_ep", None, "tool", "plan_ep", _plan_ep_job),
     "probe": Tool("megatron_grouter.reproduce.stability", None, None, None, _probe_job),
 }
 

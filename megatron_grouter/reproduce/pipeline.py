@@ -107,6 +107,7 @@ class Pipeline:
                 source, prefix, tokenizer, causal=False)
             grouters["bidirectional"] = (bidirectional_stage, bidirectional_grouter, bidirectional_cache)
         self.target_stages(data_stage, train_data, grouters)
+        self.planned_run_stage(train_data, grouters)
         self.stability_stage(prefix)
         return self.results
 
@@ -239,6 +240,32 @@ class Pipeline:
         def work(stage: Stage) -> dict:
             return plan_volumes(cache, prefix, target.model.num_experts, stage.directory, **settings)
         self._stage("plan", settings, [cache_stage], work, "stage plan: EP placement volumes (optional)")
+
+    def planned_run_stage(self, train_data: list[str], grouters: dict) -> None:
+        """plan.train_ep: grouter_tuned at EP=2 under an mg-plan-ep plan (reproduce/planned_run.py)."""
+        from megatron_grouter.reproduce import planned_run
+
+        if not (self.cfg.plan.enabled and self.cfg.plan.get("train_ep", False)):
+            return
+        seed = int(self.cfg.seeds[0])
+        target = compose_target(self._list("target.overrides"))
+        args = [*train_data, *self._list("target.overrides"),
+                *router_overrides("grouter_tuned", grouters["raw"][1], grouters["tuned"][1], grouters["cache"]),
+                f"train.seed={seed}", "parallel=ep2_planned", "parallel.verify_dispatch_plan=true",
+                "parallel.ranks_per_node=1", f"train.micro_batch_size={planned_run.micro_batch_size(target)}"]
+
+        def work(stage: Stage) -> dict:
+            plan = stage.directory / "plan.npz"
+            self._job("plan_ep", planned_run.plan_ep_args(target, train_data, grouters["tuned"][1],
+                                                          grouters["cache"], seed, plan), stage, "plan-ep")
+            run_dir = stage.directory / "run"
+            run_job("train", [*args, f"router.grouter.plan={plan}", f"train.out_dir={run_dir}"], "planned EP=2",
+                    stage.directory / "log.txt", "torchrun", self.cfg.threads, planned_run.EP_SIZE)
+            from megatron_grouter.placement.plan import Plan
+
+            return planned_run.run_summary(run_dir, Plan.load(plan).stats)
+        self._stage("planned_ep", {"args": args}, [grouters["tuned"][0]], work,
+                    "stage planned EP: grouter_tuned at EP=2 under the plan (2 processes)")
 
     def target_stages(self, data_stage: Stage, train_data: list[str], grouters: dict) -> None:
         """Every router on the first seed; on later seeds every router not in first_seed_only,

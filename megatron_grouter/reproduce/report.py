@@ -206,7 +206,12 @@ def render(preset: dict, top: dict, per_seed: dict, rows: dict, summaries: dict,
         lines += ["", f"EP placement plan (EP={summaries['plan']['ep_size']}, {summaries['plan']['samples']} samples of "
                   "the routing cache), planned ÷ default layout volumes (lower is better): "
                   + ", ".join(f"{key} {value:.3f}" for key, value in ratios.items() if value is not None)
-                  + ". Volumes only: these CPU runs train with EP=1."]
+                  + (". Volumes only: these CPU runs train with EP=1." if "planned_ep" not in summaries else ".")]
+    if summaries.get("planned_ep", {}).get("run"):
+        from megatron_grouter.reproduce.planned_run import report_line
+
+        tuned = [row for name, row in sorted(rows.items()) if name.startswith("grouter_tuned-s")]
+        lines += ["", report_line(summaries["planned_ep"], tuned[0]["final_val_loss"] if tuned else None)]
     if preset.get("notes"):
         lines += ["", "## Notes", "", *[f"- {note}" for note in preset["notes"]]]
     return "\n".join(lines) + "\n"

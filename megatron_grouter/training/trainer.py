@@ -211,7 +211,9 @@ class Trainer:
                 "config": asdict(self.config), "vocab_size": self.vocab_size,
                 "expert_parallel": self.layout.expert_parallel,
                 "tensor_parallel": self.layout.tensor_parallel,
-                "pipeline_parallel": self.layout.pipeline_parallel}
+                "pipeline_parallel": self.layout.pipeline_parallel,
+                **{key: value for hook in self.hooks if hasattr(hook, "train_state")
+                   for key, value in hook.train_state().items()}}
 
     def save(self) -> None:
         self.sync_params()
@@ -229,6 +231,8 @@ class Trainer:
         if not path.exists():
             raise UserError(f"train.resume={resume} does not exist; use train.resume=auto or none")
         state = ckpt.load_checkpoint(path, self.raw_chunks, self.optimizer)
+        for hook in (hook for hook in self.hooks if hasattr(hook, "check_resume")):
+            hook.check_resume(state)
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         log.info("resumed from %s at step %d", path, self.step)

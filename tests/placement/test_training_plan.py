@@ -1,5 +1,9 @@
 """mg-plan-ep on a real routing cache, and mg-train applying the plan (real megatron, gloo)."""
 
+import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,18 +15,19 @@ sys.path.insert(0, str(TESTS / "routing"))
 sys.path.insert(0, str(TESTS / "offline"))
 from distill_runs import compose_tool  # noqa: E402
 from grouter_fixtures import NUM_EXPERTS, TOPK, random_grouter, small_corpus  # noqa: E402
-from train_runs import read_metrics, torchrun, train_in_process  # noqa: E402
+from train_runs import read_metrics, torchrun, train_in_process, train_losses  # noqa: E402
 
+from megatron_grouter.dispatch.plan_book import DispatchPlanBook, book_key, book_path  # noqa: E402
 from megatron_grouter.errors import UserError  # noqa: E402
 from megatron_grouter.offline.plan_ep import plan_ep  # noqa: E402
 from megatron_grouter.offline.predispatch import predispatch  # noqa: E402
 from megatron_grouter.placement.plan import Plan  # noqa: E402
 from megatron_grouter.placement.schedule import PlannedSchedule  # noqa: E402
 
-STEPS, GLOBAL_BATCH, SEQ = 6, 8, 64
+STEPS, GLOBAL_BATCH, SEQ, MICRO_BATCH = 6, 8, 64, 2  # EP=DP=2: two micro-batches per rank and step
 MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
          f"model.num_experts={NUM_EXPERTS}", "model.moe_ffn_hidden_size=64", f"model.topk={TOPK}",
-         f"train.seq_length={SEQ}", "train.micro_batch_size=4", f"train.global_batch_size={GLOBAL_BATCH}"]
+         f"train.seq_length={SEQ}", f"train.micro_batch_size={MICRO_BATCH}", f"train.global_batch_size={GLOBAL_BATCH}"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,7 @@ def plan_config(setup, out, extra=()):
                                     f"data.prefix={data['prefix']}", f"data.tokenizer={data['tokenizer']}",
                                     f"data.out_dir={data['out_dir']}", f"train.seq_length={SEQ}",
                                     f"train.global_batch_size={GLOBAL_BATCH}", f"train.steps={STEPS}",
-                                    "ep_size=2", "ranks_per_node=1", "search_samples=256", "progress=false",
+                                    f"train.micro_batch_size={MICRO_BATCH}", "ep_size=2", "ranks_per_node=1", "search_samples=256", "progress=false",
                                     f"out={out}", *extra])
 
 
@@ -57,12 +62,29 @@ def train_overrides(setup, out_dir, plan=None, extra=()):
             "parallel.ranks_per_node=1", *([f"router.grouter.plan={plan}"] if plan else []), *extra]
 
 
+def counting_run(nproc: int, overrides: list[str]) -> subprocess.CompletedProcess:
+    """mg-train under torchrun with its collectives counted per step and region (counting_train.py)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(TESTS / "dispatch" / "counting_train.py"), *overrides]
+    result = subprocess.run(command, cwd=TESTS.parent, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def collectives(out_dir: Path, nproc: int) -> list[dict]:
+    return [json.loads((out_dir / f"collectives_rank{rank}.json").read_text()) for rank in range(nproc)]
+
+
 def test_plan_tool_reports_volumes_and_saves_fingerprints(setup):
     summary, plan = setup["summary"], Plan.load(setup["root"] / "plan.npz")
     assert plan.ep_size == 2 and plan.num_experts == NUM_EXPERTS and plan.global_batch == GLOBAL_BATCH
     assert plan.placement_QRM.shape[0] == summary["batches"] >= STEPS
     assert len(plan.routing_cache_fingerprint) == 64 and len(plan.training["sample_order"]) == 64
     assert summary["ratios"]["dedup_sends_rank"] <= 1.0
+    assert "α–β all-to-all model" in summary["alltoall"][0] and "planned ÷ default" in summary["alltoall"][1]
+    assert Path(summary["book"]) == book_path(setup["root"] / "plan.npz") and Path(summary["book"]).is_file()
+    assert plan.groups()["gpu"] == plan.expert_to_rank().tolist()
     assert summary["planned"]["dedup_sends_rank"] >= summary["bound_ratio"] * summary["default"]["dedup_sends_rank"] - 1e-6
 
 
@@ -129,8 +151,9 @@ def test_ep2_training_with_plan_matches_unplanned_loss_and_follows_the_plan(setu
     plan = Plan.load(plan_path)
     assert not np.array_equal(plan.slot_to_expert, np.arange(NUM_EXPERTS))  # a real permutation
     torchrun(2, train_overrides(setup, tmp_path / "default", extra=["parallel=ep2"]))
-    torchrun(2, train_overrides(setup, tmp_path / "planned", plan=plan_path,
-                                extra=["parallel=ep2_planned", "parallel.verify_dispatch_plan=true"]))
+    run = counting_run(2, train_overrides(setup, tmp_path / "planned", plan=plan_path,
+                                          extra=["parallel=ep2_planned", "parallel.verify_dispatch_plan=true"]))
+    assert "looked up from" in run.stdout + run.stderr  # the offline book, verified in every layer
     default = [r for r in read_metrics(tmp_path / "default") if "loss" in r]
     planned = [r for r in read_metrics(tmp_path / "planned") if "loss" in r]
     assert len(default) == len(planned) == STEPS
@@ -173,3 +196,77 @@ def test_plan_tool_refuses_bad_input_in_one_line(setup, stdlib_data, tmp_path):
         with pytest.raises(UserError, match=message) as caught:
             plan_ep(plan_config(setup, tmp_path / "p.npz", extra))
         assert "\n" not in str(caught.value)
+
+
+def test_offline_plans_train_bit_identically_to_the_count_exchange_without_collectives(setup, tmp_path):
+    """Offline book vs one all-gather of the counts per micro-batch: the same plans, so the same
+    losses bit for bit; inside MoE layers only the token all-to-alls, before them none (book) or
+    one per micro-batch (exchange)."""
+    bare = tmp_path / "bare"  # the plan without its book: counts are exchanged
+    bare.mkdir()
+    shutil.copy(setup["root"] / "plan.npz", bare / "plan.npz")
+    micro_batches = GLOBAL_BATCH // (MICRO_BATCH * 2)
+    runs = {}
+    for name, plan in (("book", setup["root"] / "plan.npz"), ("exchange", bare / "plan.npz")):
+        run = counting_run(2, train_overrides(setup, tmp_path / name, plan=plan, extra=["parallel=ep2_planned"]))
+        runs[name] = collectives(tmp_path / name, 2)
+        assert ("looked up from" if name == "book" else "counts exchanged once per micro-batch") in run.stdout + run.stderr
+    assert train_losses(tmp_path / "book") == train_losses(tmp_path / "exchange")  # exact equality
+    assert sorted(train_losses(tmp_path / "book")) == list(range(1, STEPS + 1))
+    for name, ranks in runs.items():
+        for steps in ranks:
+            assert sorted(steps) == [str(step) for step in range(STEPS)]
+            for regions in steps.values():
+                moe = regions.get("moe", {})
+                assert set(moe) == {"all_to_all_single"} and moe["all_to_all_single"] > 0  # tokens only
+                planning = sum(regions.get("plan", {}).values())
+                assert planning == (0 if name == "book" else micro_batches)
+
+
+def test_book_for_another_layout_is_refused(setup):
+    plan_path = setup["root"] / "plan.npz"
+    book = DispatchPlanBook.load(book_path(plan_path))
+    plan = Plan.load(plan_path)
+    book.check_fits(book_key(plan, MICRO_BATCH, 2), "book")
+    assert book.counts_QXMRE.shape == (plan.placement_QRM.shape[0], 1, GLOBAL_BATCH // (2 * MICRO_BATCH), 2,
+                                       NUM_EXPERTS)
+    assert (book.counts_QXMRE.sum(axis=(1, 2, 3, 4)) == GLOBAL_BATCH * SEQ * TOPK).all()
+    for key, message in (((4, 2), "micro_batch_size=2"), ((MICRO_BATCH, 4), "dp_size=2")):
+        with pytest.raises(UserError, match=message) as caught:
+            book.check_fits(book_key(plan, *key), "book")
+        assert "\n" not in str(caught.value)
+    other = Plan(**{**vars(plan), "slot_to_expert": plan.slot_to_expert[::-1].copy()})
+    with pytest.raises(UserError, match="made for plan="):
+        book.check_fits(book_key(other, MICRO_BATCH, 2), "book")
+
+
+def test_resume_under_another_plan_is_refused(setup, tmp_path):
+    plan = Plan.load(setup["root"] / "plan.npz")
+    single = {**vars(plan), "ep_size": 1, "placement_QRM": plan.placement_QRM.reshape(len(plan.placement_QRM), 1, -1)}
+    first = Plan(**single).save(tmp_path / "first.npz")
+    second = Plan(**{**single, "slot_to_expert": plan.slot_to_expert[::-1].copy()}).save(tmp_path / "second.npz")
+    out = tmp_path / "run"
+    train_in_process(train_overrides(setup, out, plan=first, extra=["train.steps=1", "train.save_interval=0"]))
+    for other, needle in ((second, "this run uses plan"), (None, "this run uses no placement plan")):
+        with pytest.raises(UserError, match=needle) as caught:
+            train_in_process(train_overrides(setup, out, plan=other, extra=["train.steps=2"]))
+        assert "trained under plan" in str(caught.value) and "\n" not in str(caught.value)
+    train_in_process(train_overrides(setup, out, plan=first, extra=["train.steps=2"]))  # its own plan resumes
+
+
+def test_offline_plans_on_four_ranks_two_ep_groups(setup, tmp_path):
+    """DP=4 over two EP=2 groups, one sample per micro-batch: the book's replica index picks each
+    group's micro-batches; losses equal the count exchange's bit for bit, no planning collective."""
+    book_dir, bare = tmp_path / "book_plan", tmp_path / "bare"
+    summary = plan_ep(plan_config(setup, book_dir / "plan.npz", ["dp_size=4", "train.micro_batch_size=1"]))
+    assert Path(summary["book"]) == book_path(book_dir / "plan.npz")
+    bare.mkdir()
+    shutil.copy(book_dir / "plan.npz", bare / "plan.npz")
+    layout = ["parallel=ep2_planned", "train.micro_batch_size=1", "train.steps=2"]
+    for name, plan in (("book", book_dir / "plan.npz"), ("exchange", bare / "plan.npz")):
+        counting_run(4, train_overrides(setup, tmp_path / name, plan=plan, extra=layout))
+    assert train_losses(tmp_path / "book") == train_losses(tmp_path / "exchange")
+    assert len(train_losses(tmp_path / "book")) == 2
+    for name, expected in (("book", 0), ("exchange", GLOBAL_BATCH // 4)):
+        for steps in collectives(tmp_path / name, 4):
+            assert all(sum(regions.get("plan", {}).values()) == expected for regions in steps.values())

@@ -20,7 +20,7 @@ def done_times(out_dir) -> dict:
 @pytest.fixture(scope="module")
 def micro_experiment(micro_corpus, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("reproduce") / "micro"
-    report = reproduce_in_process(micro_overrides(out_dir, micro_corpus, ROUTERS, [1, 2]))
+    report = reproduce_in_process(micro_overrides(out_dir, micro_corpus, ROUTERS, [1, 2], extra=["plan.train_ep=true"]))
     return out_dir, report
 
 
@@ -38,6 +38,9 @@ def test_pipeline_writes_the_report_and_figures(micro_experiment):
     assert summary["per_seed"]["1"]["best_baseline"] == "aux_loss"
     assert summary["stages"]["fold"]["to_experts"] == 4  # source 8 experts → target 4
     assert summary["stages"]["plan"]["ratios_to_default"]["dedup_sends_rank"] > 0  # volumes reported
+    planned = summary["stages"]["planned_ep"]  # grouter_tuned at EP=2 under the plan, 2 processes
+    assert planned["steps"] == 4 and planned["ep_tokens"] > 0 and planned["final_val_loss"] > 0
+    assert "Planned EP in effect" in text
     # Routing stability: the learned run kept checkpoints at steps 2 and 4 → one transition per layer.
     stability = summary["stability"]["target-aux_loss-s1"]
     assert stability["steps"] == [4] and len(stability["unchanged_LT"]) == 2
