@@ -31,6 +31,7 @@ def train(cfg: DictConfig) -> dict:
     from megatron_grouter.training.config import to_train_config, validate
     from megatron_grouter.training.data_setup import prepare_datasets
     from megatron_grouter.training.loggers import setup_console_logging
+    from megatron_grouter.training.run_lock import hold_run_lock
     from megatron_grouter.training.trainer import Trainer
 
     root = to_train_config(cfg)
@@ -38,7 +39,9 @@ def train(cfg: DictConfig) -> dict:
     layout = init_distributed(root.parallel.tensor, root.parallel.pipeline, root.parallel.expert,
                               num_experts=root.model.num_experts)
     setup_console_logging(layout.is_main)
+    lock = None
     try:
+        lock = hold_run_lock(root.train.out_dir, layout.is_main)  # one run per out_dir
         log.info("mg-train: model=%s router=%s world=%d (TP=%d EP=%d DP=%d) on %s/%s",
                  root.model.name, root.router.name, layout.world_size, layout.tensor_parallel,
                  layout.expert_parallel, layout.data_parallel, layout.device.type, layout.backend)
@@ -61,6 +64,8 @@ def train(cfg: DictConfig) -> dict:
         log.info("done: %s", summary)
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         shutdown_distributed()
 
 
