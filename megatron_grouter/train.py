@@ -28,12 +28,14 @@ def train(cfg: DictConfig) -> dict:
     from megatron_grouter.routing.setup import build_routing_hook
     from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
     from megatron_grouter.runtime.seed import set_seed
+    from megatron_grouter.training import fork_guard
     from megatron_grouter.training.config import to_train_config, validate
     from megatron_grouter.training.data_setup import prepare_datasets
     from megatron_grouter.training.loggers import setup_console_logging
     from megatron_grouter.training.run_lock import hold_run_lock
     from megatron_grouter.training.trainer import Trainer
 
+    fork_guard.install()  # megatron's forked checkpoint writers die with this process
     root = to_train_config(cfg)
     validate(root, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     layout = init_distributed(root.parallel.tensor, root.parallel.pipeline, root.parallel.expert,
