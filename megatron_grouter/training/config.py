@@ -85,7 +85,9 @@ class RouterConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "stdlib"  # "stdlib" or a path to text / a directory / .jsonl
+    corpus: str = "stdlib"  # "stdlib", a file (text/.jsonl/.json[.gz|.zst]/.parquet/.arrow), a directory, a glob
+    text_field: str = "text"  # the records' text field (JSON lines, parquet, arrow, datasets)
+    suffixes: Optional[str] = None  # in directories, read only these suffixes (".pm,.pl"); None: every file
     out_dir: str = "data/stdlib"
     prefix: Optional[str] = None  # an existing indexed dataset prefix; None: preprocess `corpus`
     tokenizer: Optional[str] = None  # tokenizer dir / tokenizer.json; None: train a BPE

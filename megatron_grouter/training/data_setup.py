@@ -39,7 +39,8 @@ def resolve_dataset(data: DataConfig) -> tuple[str, str]:
     from megatron_grouter.data.default_corpus import prepare_corpus
 
     paths = prepare_corpus(corpus=data.corpus, out_dir=data.out_dir, vocab_size=data.vocab_size,
-                           tokenizer=data.tokenizer, max_documents=data.max_documents)
+                           tokenizer=data.tokenizer, max_documents=data.max_documents,
+                           jsonl_key=data.text_field, suffixes=data.suffixes)
     return str(paths.prefix), str(paths.tokenizer_dir)
 
 
