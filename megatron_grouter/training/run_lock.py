@@ -1,9 +1,12 @@
 """One run per out_dir: an fcntl lock held by rank 0 for the whole run.
 
 Two jobs writing into one out_dir interleave one metrics.jsonl and race on step_N.tmp
-checkpoints; the second must refuse, in one line that names the holder. The lock is an flock on
-<out_dir>/.run.lock (released by the kernel when the holder dies, so a killed run never leaves
-a stale lock), and the file records the holder's pid and host for that message.
+checkpoints; the second must refuse, in one line that names the holder. The lock is a POSIX record lock
+(fcntl.lockf) on <out_dir>/.run.lock: the kernel releases it when the holder dies, so a killed
+run never leaves a stale lock, and unlike flock it is not shared with forked children (a
+checkpoint writer or DataLoader worker that outlives a killed trainer does not keep the run
+locked). The file records the holder's pid and host for the refusal. POSIX locks do not exclude
+within one process, so this process's own locks are also kept in a set.
 
 A run refused later (a bad Grouter, a foreign cache) must not leave an empty out_dir behind:
 release removes the lock file, and out_dir too when this run created it and nothing else was
@@ -12,6 +15,7 @@ written there.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -22,6 +26,7 @@ from pathlib import Path
 from megatron_grouter.errors import UserError
 
 LOCK_NAME = ".run.lock"
+_held_here: set[str] = set()  # out_dirs locked by this process
 
 
 class RunLock:
@@ -43,11 +48,19 @@ class RunLock:
         except OSError as error:
             raise UserError(f"train.out_dir={self.out_dir} cannot be created ({error.strerror}); choose "
                             "a writable directory") from None
+        key = str(self.out_dir.resolve())
+        if key in _held_here:
+            raise UserError(f"train.out_dir={self.out_dir} is in use by another run (pid {os.getpid()}, this "
+                            "process); wait for it to finish or choose another train.out_dir")
         while True:
             handle = open(self.path, "a+")
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno not in (errno.EACCES, errno.EAGAIN):
+                    handle.close()
+                    raise UserError(f"train.out_dir={self.out_dir}: cannot lock {self.path} "
+                                    f"({error.strerror}); use a local file system or another out_dir") from None
                 holder = _describe_holder(self.path)
                 handle.close()
                 raise UserError(f"train.out_dir={self.out_dir} is in use by another run ({holder}); wait "
@@ -67,6 +80,8 @@ class RunLock:
         handle.flush()
         self.handle = handle
         self.created = missing
+        self.key = key
+        _held_here.add(key)
         return self
 
     def release(self) -> None:
@@ -75,9 +90,10 @@ class RunLock:
         try:
             self.path.unlink(missing_ok=True)  # before unlocking: a waiter then retries on a new file
         finally:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            fcntl.lockf(self.handle, fcntl.LOCK_UN)
             self.handle.close()
             self.handle = None
+            _held_here.discard(self.key)
         for directory in self.created:
             try:
                 directory.rmdir()  # only succeeds when the run wrote nothing there

@@ -1,6 +1,8 @@
 """Refused runs end in one line and leave nothing behind: a second job into a locked out_dir,
 a Grouter of another expert count, invalid numbers."""
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,10 +17,13 @@ from tiny_dataset import TINY_MODEL, tiny_dataset
 from train_runs import REPO, compose, data_overrides, train_in_process
 
 HOLDER = textwrap.dedent("""
-    import sys, time
+    import multiprocessing, sys, time
     from megatron_grouter.training.run_lock import RunLock
     lock = RunLock(sys.argv[1]).acquire()
-    print("locked", flush=True)
+    # A forked child (as megatron's checkpoint writers are) that outlives this process.
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,))
+    child.start()
+    print("locked", child.pid, flush=True)
     time.sleep(120)
 """)
 
@@ -29,10 +34,15 @@ def holder(tmp_path):
     out_dir = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-c", HOLDER, str(out_dir)], stdout=subprocess.PIPE,
                                text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-    assert process.stdout.readline().strip() == "locked"
+    word, child = process.stdout.readline().split()
+    assert word == "locked"
     yield out_dir, process
     process.kill()
     process.wait()
+    try:
+        os.kill(int(child), signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def test_second_run_into_a_locked_out_dir_is_refused_naming_the_holder(holder):
@@ -49,7 +59,9 @@ def test_lock_of_a_killed_run_is_free_and_release_tidies_up(holder):
     out_dir, process = holder
     process.kill()
     process.wait()
-    lock = RunLock(out_dir).acquire()  # the kernel dropped the dead holder's flock
+    lock = RunLock(out_dir).acquire()  # the kernel dropped the dead holder's lock; its child has none
+    with pytest.raises(UserError, match="this process"):
+        RunLock(out_dir).acquire()
     lock.release()
     assert not (out_dir / LOCK_NAME).exists()
     fresh = RunLock(out_dir / "new" / "run").acquire()
