@@ -20,7 +20,8 @@ from itertools import islice
 from pathlib import Path
 
 from megatron_grouter.data.corpus import STDLIB, iter_documents, resolve_corpus
-from megatron_grouter.data.indexed import check_dataset_tokenizer, write_indexed_dataset
+from megatron_grouter.data.indexed import write_indexed_dataset
+from megatron_grouter.data.integrity import verify_dataset
 from megatron_grouter.data.tokenizer import load_tokenizer, train_byte_level_bpe
 from megatron_grouter.errors import UserError
 
@@ -56,7 +57,8 @@ def _is_complete(stamp: Path, params: dict, prefix: Path, tokenizer_dir: Path) -
     try:
         if json.loads(stamp.read_text()).get("params") != params:
             return False
-        check_dataset_tokenizer(str(prefix), load_tokenizer(tokenizer_dir))
+        # Content too (cached after the first time): a damaged .bin is prepared again, not reused.
+        verify_dataset(str(prefix), load_tokenizer(tokenizer_dir))
     except (json.JSONDecodeError, AttributeError, UserError) as problem:
         log.info("data: %s holds an unusable result (%s); preparing again", stamp.parent, problem)
         return False

@@ -73,3 +73,15 @@ def test_check_is_cached_until_the_bin_changes(data):
     os.utime(data["prefix"] + ".bin", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     with pytest.raises(UserError, match="content hash"):
         verify_dataset(data["prefix"], tokenizer)
+
+
+def test_prepared_corpus_with_flipped_bytes_is_prepared_again(tmp_path):
+    from megatron_grouter.data.default_corpus import prepare_corpus
+    from small_corpus import many_documents, write_text_directory
+
+    corpus = str(write_text_directory(tmp_path / "corpus", many_documents(10)))
+    first = prepare_corpus(corpus, str(tmp_path / "prepared"), vocab_size=300, progress=False)
+    intact = Path(f"{first.prefix}.bin").read_bytes()
+    flip_bytes(f"{first.prefix}.bin", [5])
+    again = prepare_corpus(corpus, str(tmp_path / "prepared"), vocab_size=300, progress=False)
+    assert not again.reused and Path(f"{again.prefix}.bin").read_bytes() == intact
