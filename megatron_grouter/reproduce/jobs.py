@@ -104,6 +104,10 @@ def run_job(tool_name: str, args: list[str], label: str, log_file: Path, launche
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.setdefault("WANDB_MODE", "offline")
+    # A job picks its own rendezvous (a single process: a free port; torchrun --standalone: its
+    # own); one inherited from this process may be a port that is still listening here.
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as log, subprocess.Popen(
             command, cwd=Path.cwd(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
