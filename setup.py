@@ -33,6 +33,8 @@ setup(
         "omegaconf>=2.3",
         "numpy",
         "tokenizers>=0.20",
+        "pyarrow",  # corpora: parquet, Arrow and datasets directories
+        "zstandard",  # corpora: .zst
         "transformers>=4.56",
         "safetensors>=0.4",
         "tqdm",
@@ -47,7 +49,7 @@ setup(
         # GPU images: Transformer Engine and apex come with NVIDIA's PyTorch container
         # (see Dockerfile); installing them from PyPI needs CUDA and a compiler.
         "gpu": ["transformer-engine[pytorch]", "apex"],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "datasets"],  # datasets: writes real save_to_disk directories
     },
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

@@ -55,15 +55,20 @@ def build_trainer(root, layout):
 def train(cfg: DictConfig) -> dict:
     from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
     from megatron_grouter.training.config import to_train_config, validate
+    from megatron_grouter.training import fork_guard
     from megatron_grouter.training.loggers import setup_console_logging
+    from megatron_grouter.training.run_lock import hold_run_lock
 
+    fork_guard.install()  # megatron's forked checkpoint writers die with this process
     root = to_train_config(cfg)
     validate(root, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     layout = init_distributed(root.parallel.tensor, root.parallel.pipeline, root.parallel.expert,
                               num_experts=root.model.num_experts,
                               virtual_pipeline=root.parallel.virtual_pipeline)
     setup_console_logging(layout.is_main)
+    lock = None
     try:
+        lock = hold_run_lock(root.train.out_dir, layout.is_main)  # one run per out_dir
         log.info("mg-train: model=%s router=%s world=%d (TP=%d PP=%d EP=%d DP=%d) on %s/%s",
                  root.model.name, root.router.name, layout.world_size, layout.tensor_parallel,
                  layout.pipeline_parallel, layout.expert_parallel, layout.data_parallel,
@@ -72,6 +77,8 @@ def train(cfg: DictConfig) -> dict:
         log.info("done: %s", summary)
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         shutdown_distributed()
 
 

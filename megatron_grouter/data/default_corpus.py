@@ -12,14 +12,16 @@ import fcntl
 import json
 import logging
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from megatron_grouter.data.corpus import STDLIB, iter_documents
-from megatron_grouter.data.indexed import check_dataset_tokenizer, write_indexed_dataset
+from megatron_grouter.data.corpus import STDLIB, iter_documents, resolve_corpus
+from megatron_grouter.data.indexed import write_indexed_dataset
+from megatron_grouter.data.integrity import verify_dataset
 from megatron_grouter.data.tokenizer import load_tokenizer, train_byte_level_bpe
 from megatron_grouter.errors import UserError
 
@@ -55,7 +57,8 @@ def _is_complete(stamp: Path, params: dict, prefix: Path, tokenizer_dir: Path) -
     try:
         if json.loads(stamp.read_text()).get("params") != params:
             return False
-        check_dataset_tokenizer(str(prefix), load_tokenizer(tokenizer_dir))
+        # Content too (cached after the first time): a damaged .bin is prepared again, not reused.
+        verify_dataset(str(prefix), load_tokenizer(tokenizer_dir))
     except (json.JSONDecodeError, AttributeError, UserError) as problem:
         log.info("data: %s holds an unusable result (%s); preparing again", stamp.parent, problem)
         return False
@@ -63,18 +66,24 @@ def _is_complete(stamp: Path, params: dict, prefix: Path, tokenizer_dir: Path) -
 
 
 def prepare_corpus(corpus: str, out_dir: str, vocab_size: int = 4096, tokenizer: str | None = None,
-                   max_documents: int | None = None, jsonl_key: str = "text", workers: int = 1,
-                   progress: bool = True) -> DatasetPaths:
+                   max_documents: int | None = None, jsonl_key: str = "text", workers: int | None = None,
+                   progress: bool = True, suffixes: str | None = None) -> DatasetPaths:
     """Tokenizer + indexed dataset of `corpus` in `out_dir`, made once: an existing result with the
     same parameters is returned as is (reused=True). Without `tokenizer`, trains a byte-level BPE of
-    `vocab_size` tokens on every BPE_SAMPLE_EVERY-th document."""
+    `vocab_size` tokens on every BPE_SAMPLE_EVERY-th document. `corpus` is anything
+    corpus.resolve_corpus reads; `jsonl_key` names the records' text field; `workers`: tokenising
+    processes (None: one per core)."""
     out = Path(out_dir)
-    name = "stdlib" if corpus == STDLIB else Path(corpus).stem
+    # 'c4/*.json.gz' → 'c4': no glob characters or format suffixes in the dataset's file names.
+    name = "stdlib" if corpus == STDLIB else (re.sub(r"[^A-Za-z0-9_-]+", "_", Path(corpus).name.split(".")[0])
+                                              .strip("_") or "corpus")
     prefix = out / f"{name}_text_document"
     params = {"corpus": corpus if corpus == STDLIB else str(Path(corpus).resolve()),
               "vocab_size": vocab_size if tokenizer is None else None,
               "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None,
               "max_documents": max_documents, "jsonl_key": jsonl_key}
+    if suffixes is not None:  # only then: stamps written before the option still match
+        params["suffixes"] = suffixes
     stamp = out / "prepared.json"
     tokenizer_dir = Path(tokenizer) if tokenizer else out / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
@@ -84,8 +93,11 @@ def prepare_corpus(corpus: str, out_dir: str, vocab_size: int = 4096, tokenizer:
             return DatasetPaths(prefix, tokenizer_dir, reused=True)
         stamp.unlink(missing_ok=True)
         started = time.perf_counter()
+        plan = resolve_corpus(corpus, jsonl_key, suffixes)
+        if plan.skipped or plan.notes:
+            log.info("data: %s", plan.summary())
         if tokenizer is None:
-            texts = (document.text for document in islice(iter_documents(corpus, jsonl_key, max_documents),
+            texts = (document.text for document in islice(iter_documents(plan, jsonl_key, max_documents),
                                                           0, None, BPE_SAMPLE_EVERY))
             tok = train_byte_level_bpe(texts, vocab_size, tokenizer_dir)
             log.info("data: trained a %d-token byte-level BPE on every %d. document of %s in %.1fs",
@@ -93,8 +105,9 @@ def prepare_corpus(corpus: str, out_dir: str, vocab_size: int = 4096, tokenizer:
         else:
             tok = load_tokenizer(tokenizer)
         started = time.perf_counter()
-        info = write_indexed_dataset(iter_documents(corpus, jsonl_key, max_documents), tok, str(prefix),
-                                     source=corpus, workers=workers, progress=progress)
+        info = write_indexed_dataset(iter_documents(plan, jsonl_key, max_documents), tok, str(prefix),
+                                     source=corpus, workers=workers, progress=progress,
+                                     extra_meta={"skipped": plan.skipped_counts()})
         log.info("data: %d documents, %d tokens -> %s.bin/.idx in %.1fs (%d undecodable characters "
                  "replaced)", info.num_documents, info.num_tokens, prefix, time.perf_counter() - started,
                  info.replaced_chars)

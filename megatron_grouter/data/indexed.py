@@ -5,8 +5,9 @@ killed run never leaves a pair that looks complete. The meta file records the to
 fingerprint: training and the Grouter tools refuse a dataset made with another tokenizer.
 
 Tokenisation runs in the calling process (the `tokenizers` backend already uses its own threads)
-or, with workers > 1, in a pool of processes that each load the tokenizer from its file; at most a
-few batches are in flight and results are written in document order.
+or, with workers > 1 (mg-preprocess: one per core), in a pool of processes that each load the
+tokenizer from its file; at most a few batches are in flight and results are written in document
+order, so the dataset is byte-identical whatever the worker count.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -46,10 +47,27 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size < 65500 else np.int32
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _encode_in_worker(texts: list[str], tokenizer_path: str, sha256: str) -> list[list[int]]:
+def _pack(ids_per_document: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(all ids as one int32 array, length of each document): cheap to send between processes
+    (raw bytes, where a list of Python ints pickles item by item)."""
+    lengths = np.array([len(ids) for ids in ids_per_document], dtype=np.int64)
+    arrays = [np.asarray(ids, dtype=np.int32) for ids in ids_per_document if ids]
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+    return flat, lengths
+
+
+def _encode_in_worker(texts: list[str], tokenizer_path: str, sha256: str) -> tuple[np.ndarray, np.ndarray]:
     global _worker_tokenizer
     if _worker_tokenizer is None:
         # One process per core already; the backend's own thread pool would only oversubscribe.
@@ -57,15 +75,27 @@ def _encode_in_worker(texts: list[str], tokenizer_path: str, sha256: str) -> lis
         _worker_tokenizer = load_tokenizer(tokenizer_path)
     if _worker_tokenizer.sha256 != sha256:
         raise UserError(f"{tokenizer_path} changed while tokenising; run again once it is stable")
-    return _worker_tokenizer.encode_batch(texts)
+    return _pack(_worker_tokenizer.encode_batch(texts))
 
 
 def _encoded_batches(batches: Iterator[list[Document]], tokenizer: Tokenizer,
-                     workers: int) -> Iterator[tuple[list[Document], list[list[int]]]]:
-    """(batch, token ids per document) in the order of `batches`."""
+                     workers: int) -> Iterator[tuple[list[Document], tuple[np.ndarray, np.ndarray]]]:
+    """(batch, (ids, lengths)) in the order of `batches`.
+
+    A pool of `workers` processes with at most BATCHES_IN_FLIGHT_PER_WORKER batches each in
+    flight, results taken in submission order. (Pool.imap would keep the order too, but its
+    feeder thread reads the whole corpus ahead into memory.) A corpus that fits in the first
+    round of batches is tokenised here: starting the pool would cost more than it saves.
+    """
+    if workers > 1:
+        head = list(islice(batches, workers))
+        if len(head) < workers:  # small corpus: no pool
+            batches, workers = iter(head), 1
+        else:
+            batches = chain(head, batches)
     if workers <= 1:
         for batch in batches:
-            yield batch, tokenizer.encode_batch([document.text for document in batch])
+            yield batch, _pack(tokenizer.encode_batch([document.text for document in batch]))
         return
     # spawn, not fork: a forked child inherits the parent's tokenizers thread pool in a broken state.
     context = multiprocessing.get_context("spawn")
@@ -90,14 +120,20 @@ def _batched(documents: Iterable[Document], batch_size: int) -> Iterator[list[Do
 
 
 def write_indexed_dataset(documents: Iterable[Document], tokenizer: Tokenizer, output_prefix: str,
-                          source: str = "", append_eod: bool = True, workers: int = 1,
-                          batch_size: int = 64, progress: bool = True) -> IndexedInfo:
+                          source: str = "", append_eod: bool = True, workers: int | None = 1,
+                          batch_size: int = 64, progress: bool = True,
+                          extra_meta: dict | None = None) -> IndexedInfo:
     """Tokenise `documents` (one indexed-dataset document each, EOD appended) into
-    {output_prefix}.bin/.idx/.meta.json, atomically; `source` is recorded in the meta file."""
+    {output_prefix}.bin/.idx/.meta.json, atomically; `source` is recorded in the meta file, with
+    the .bin's sha256 and largest token id (what training verifies: data/integrity.py).
+    `workers`: tokenising processes; None: one per usable core."""
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
 
+    from megatron_grouter.data.integrity import scan_bin
+
+    workers = usable_cores() if workers is None else workers
     if workers < 1:
         raise UserError(f"workers={workers}; use 1 (tokenise in this process) or more")
     output_prefix = str(output_prefix)
@@ -106,25 +142,30 @@ def write_indexed_dataset(documents: Iterable[Document], tokenizer: Tokenizer, o
     tmp_files = [tmp_prefix + suffix for suffix in (".bin", ".idx", ".meta.json")]
     num_documents = num_tokens = replaced = 0
     started = time.perf_counter()
+    dtype = token_dtype(tokenizer.vocab_size)
     try:
-        builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=token_dtype(tokenizer.vocab_size))
+        builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=dtype)
         with tqdm(desc="tokenize", unit="doc", disable=not progress, mininterval=1.0) as bar:
-            for batch, ids_per_document in _encoded_batches(_batched(documents, batch_size), tokenizer,
-                                                            workers):
-                for document, ids in zip(batch, ids_per_document):
+            for batch, (ids, lengths) in _encoded_batches(_batched(documents, batch_size), tokenizer,
+                                                          workers):
+                ends = np.cumsum(lengths)
+                for document, end, length in zip(batch, ends.tolist(), lengths.tolist()):
+                    tokens = ids[end - length:end]
                     if append_eod:
-                        ids.append(tokenizer.eod_id)
-                    builder.add_item(torch.tensor(ids, dtype=torch.int64))
+                        tokens = np.append(tokens, tokenizer.eod_id)
+                    builder.add_item(torch.from_numpy(tokens))
                     builder.end_document()
                     num_documents += 1
-                    num_tokens += len(ids)
+                    num_tokens += len(tokens)
                     replaced += document.replaced_chars
                 bar.update(len(batch))
                 bar.set_postfix(tok_per_s=f"{num_tokens / max(time.perf_counter() - started, 1e-9):.0f}")
         builder.finalize(tmp_prefix + ".idx")
+        content = scan_bin(tmp_prefix + ".bin", dtype)
         meta = {"tokenizer": tokenizer.fingerprint(), "num_documents": num_documents,
                 "num_tokens": num_tokens, "source": source, "replaced_chars": replaced,
-                "append_eod": append_eod}
+                "append_eod": append_eod, "bin_sha256": content.sha256,
+                "max_token_id": content.max_id, **(extra_meta or {})}
         Path(tmp_prefix + ".meta.json").write_text(json.dumps(meta, indent=2))
         os.replace(tmp_prefix + ".bin", output_prefix + ".bin")
         os.replace(tmp_prefix + ".meta.json", output_prefix + ".meta.json")

@@ -78,12 +78,13 @@ def open_cache(directory: str | Path, prefix: str, grouter_fingerprint: str | No
     if not manifest_path.is_file():
         raise UserError(f"no routing cache at {directory}; write one with mg-predispatch or use "
                         "router.grouter.source=online")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _read_manifest(manifest_path)
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise UserError(f"{directory} is not a version-{VERSION} routing cache; rewrite it with mg-predispatch")
     if not manifest.get("complete"):
         raise UserError(f"routing cache {directory} is incomplete (interrupted); rerun mg-predispatch "
                         "with the same arguments to finish it")
+    _check_manifest_fields(manifest_path, manifest)
     if manifest["dataset"] != dataset_fingerprint(prefix):
         raise UserError(f"routing cache {directory} was written for another dataset than {prefix} "
                         "(token counts or .idx hash differ); rerun mg-predispatch for this dataset")
@@ -91,8 +92,9 @@ def open_cache(directory: str | Path, prefix: str, grouter_fingerprint: str | No
         raise UserError(f"routing cache {directory} was written by another Grouter than the configured "
                         "one; rerun mg-predispatch with router.grouter.path")
     if num_experts is not None and manifest["num_experts"] != num_experts:
+        convert = "fold it with mg-fold" if manifest["num_experts"] > num_experts else "expand it with mg-expand"
         raise UserError(f"routing cache {directory} routes to {manifest['num_experts']} experts but the "
-                        f"model has {num_experts}; fold the Grouter and predispatch again")
+                        f"model has {num_experts}; {convert} to {num_experts} experts and predispatch again")
     if topk is not None and manifest["topk"] != topk:
         raise UserError(f"routing cache {directory} holds top-{manifest['topk']} but the model uses "
                         f"top-{topk}; predispatch again with this top-k")
@@ -105,7 +107,66 @@ def open_cache(directory: str | Path, prefix: str, grouter_fingerprint: str | No
             raise UserError(f"routing cache file {path} is missing or has the wrong size; rerun mg-predispatch")
     indices = np.memmap(directory / "indices.bin", dtype=dtype, mode="r", shape=(tokens, k))
     weights = np.memmap(directory / "weights.bin", dtype=np.uint16, mode="r", shape=(tokens, k))
+    _check_expert_ids(directory, indices, int(manifest["num_experts"]))
     return RoutingCache(directory, manifest, indices, weights)
+
+
+MANIFEST_FIELDS = {"topk": int, "num_experts": int, "window": int, "grouter_fingerprint": str, "dataset": dict}
+CHECKED_FILE = "checked.json"
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"routing cache manifest {path} is truncated or not JSON; rerun mg-predispatch "
+                        "to rewrite the cache") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"routing cache manifest {path} is not a JSON object; rerun mg-predispatch")
+    return manifest
+
+
+def _check_manifest_fields(path: Path, manifest: dict) -> None:
+    for name, kind in MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(name), kind) or isinstance(manifest.get(name), bool):
+            raise UserError(f"routing cache manifest {path} has no valid {name!r}; rerun mg-predispatch "
+                            "to rewrite the cache")
+    if manifest["num_experts"] < 1 or manifest["topk"] < 1:
+        raise UserError(f"routing cache manifest {path} says {manifest['num_experts']} experts, top-"
+                        f"{manifest['topk']}; rerun mg-predispatch")
+    if not {"num_tokens", "num_documents", "idx_sha256"} <= set(manifest["dataset"]):
+        raise UserError(f"routing cache manifest {path} has no complete dataset fingerprint; rerun "
+                        "mg-predispatch")
+
+
+def _check_expert_ids(directory: Path, indices: np.memmap, num_experts: int) -> None:
+    """Every expert id in [0, num_experts): a damaged cache would otherwise index past the
+    expert table inside the MoE layer. One pass over the file, remembered (by its size and
+    modification time) in checked.json, so only the first open of a cache pays for it."""
+    path = directory / "indices.bin"
+    stat = path.stat()
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "num_experts": num_experts}
+    checked = directory / CHECKED_FILE
+    try:
+        if json.loads(checked.read_text()) == key:
+            return
+    except (OSError, json.JSONDecodeError):
+        pass
+    flat = indices.reshape(-1)
+    low, high, bad = 0, -1, 0
+    step = 1 << 24
+    for begin in range(0, flat.size, step):
+        block = np.asarray(flat[begin:begin + step])
+        low, high = min(low, int(block.min())), max(high, int(block.max()))
+        if high >= num_experts or low < 0:
+            bad += int(np.count_nonzero((block >= num_experts) | (block < 0)))
+    if bad:
+        raise UserError(f"routing cache {directory} holds {bad} expert ids outside 0..{num_experts - 1} "
+                        f"(ids {low}..{high}): the cache is damaged; rerun mg-predispatch")
+    try:
+        _write_json(checked, key)
+    except OSError:  # a read-only cache: check again next time
+        pass
 
 
 def write_cache(directory: str | Path, prefix: str, grouter, grouter_fingerprint: str, window: int,

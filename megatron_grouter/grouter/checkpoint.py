@@ -117,9 +117,10 @@ def load_grouter(directory: str | os.PathLike, expected_num_experts: int | None 
     header = read_grouter_header(path)
     config = _header_config(path, header)
     if expected_num_experts is not None and expected_num_experts != config.num_experts:
+        convert = ("fold it to {n} experts with mg-fold" if config.num_experts > expected_num_experts
+                   else "expand it to {n} experts with mg-expand").format(n=expected_num_experts)
         raise UserError(f"Grouter at {path} has {config.num_experts} experts but the model has "
-                        f"{expected_num_experts}; fold it to {expected_num_experts} experts with "
-                        f"mg-fold, or set model.num_experts={config.num_experts}")
+                        f"{expected_num_experts}; {convert}, or set model.num_experts={config.num_experts}")
     tokenizer, provenance = header.get("tokenizer"), header.get("provenance")
     if not isinstance(tokenizer, dict):
         _bad(path, "has no tokenizer fingerprint in config.json")

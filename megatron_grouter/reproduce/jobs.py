@@ -6,6 +6,10 @@ runs `python -m <module> <args>` with its output streamed, line by line and pref
 job's label, to the console and to a log file; `in_process` composes the same Hydra config and
 calls the tool's job function (no interpreter start-up: used by the tests); `torchrun` starts the
 data-parallel tools with torch.distributed.run on one node (GPU clusters: the `paper` preset).
+
+Child processes run in the caller's working directory, like the in-process jobs: relative paths
+(out_dir, data.prefix, overrides) then mean the same thing to the parent and to every job, from
+inside the repository or outside it. The repository is put on PYTHONPATH instead.
 """
 
 from __future__ import annotations
@@ -107,9 +111,13 @@ def run_job(tool_name: str, args: list[str], label: str, log_file: Path, launche
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.setdefault("WANDB_MODE", "offline")
+    # A job picks its own rendezvous (a single process: a free port; torchrun --standalone: its
+    # own); one inherited from this process may be a port that is still listening here.
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as log, subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            command, cwd=Path.cwd(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, bufsize=1) as process:
         log.write("$ " + " ".join(command) + "\n")
         for line in process.stdout:

@@ -112,18 +112,20 @@ class Pipeline:
         return self.results
 
     def prepare_data(self) -> tuple[str, str]:
+        """(dataset prefix, tokenizer), absolute: resolved against the caller's directory, so the
+        stage keys name the data itself whatever directory a job runs in."""
         data = self.cfg.data
         if data.prefix:
             if not data.tokenizer:
                 raise UserError("data.prefix is set but data.tokenizer is not; give the tokenizer the "
                                 "dataset was made with")
-            return str(data.prefix), str(data.tokenizer)
+            return str(Path(data.prefix).absolute()), str(Path(data.tokenizer).absolute())
         from megatron_grouter.data.default_corpus import prepare_default_corpus
 
         self._say(f"data: the built-in corpus in {data.out_dir} (prepared once, then reused)")
         paths = prepare_default_corpus(str(data.out_dir), vocab_size=int(data.vocab_size),
                                        max_documents=data.max_documents)
-        return str(paths.prefix), str(paths.tokenizer_dir)
+        return str(Path(paths.prefix).absolute()), str(Path(paths.tokenizer_dir).absolute())
 
     def source_stage(self, data_stage: Stage, train_data: list[str]) -> Stage | None:
         if self.cfg.source.hf_path:
@@ -150,7 +152,7 @@ class Pipeline:
     def distill_stage(self, source: Stage | None, prefix: str, tokenizer: str, causal: bool = True,
                       suffix: str = "") -> tuple[Stage, dict]:
         if source is None:
-            kind, path = "hf", str(self.cfg.source.hf_path)
+            kind, path = "hf", str(Path(self.cfg.source.hf_path).absolute())
             if not Path(path).is_dir():
                 raise UserError(f"source.hf_path={path} is not a directory; point it at a local "
                                 "Hugging Face MoE checkpoint or set source.hf_path=null")

@@ -88,7 +88,9 @@ class RouterConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "stdlib"  # "stdlib" or a path to text / a directory / .jsonl
+    corpus: str = "stdlib"  # "stdlib", a file (text/.jsonl/.json[.gz|.zst]/.parquet/.arrow), a directory, a glob
+    text_field: str = "text"  # the records' text field (JSON lines, parquet, arrow, datasets)
+    suffixes: Optional[str] = None  # in directories, read only these suffixes (".pm,.pl"); None: every file
     out_dir: str = "data/stdlib"
     prefix: Optional[str] = None  # an existing indexed dataset prefix; None: preprocess `corpus`
     tokenizer: Optional[str] = None  # tokenizer dir / tokenizer.json; None: train a BPE
@@ -246,9 +248,59 @@ def to_train_config(cfg: DictConfig | dict) -> RootConfig:
     return root
 
 
+_POSITIVE = ("> 0", lambda value: value > 0)
+_NON_NEGATIVE = ("≥ 0", lambda value: value >= 0)
+_FRACTION = ("in [0, 1)", lambda value: 0 <= value < 1)
+
+
+def validate_numbers(root: RootConfig) -> None:
+    """Numbers outside their meaningful range (train.lr=-0.001, a zero batch, NaN) would crash
+    deep inside megatron or train silently wrong; refuse them in one line naming the field."""
+    import math
+
+    model, router, train, data, parallel = root.model, root.router, root.train, root.data, root.parallel
+    checks = [
+        ("train.lr", train.lr, _POSITIVE), ("train.min_lr", train.min_lr, _NON_NEGATIVE),
+        ("train.weight_decay", train.weight_decay, _NON_NEGATIVE),
+        ("train.adam_beta1", train.adam_beta1, _FRACTION), ("train.adam_beta2", train.adam_beta2, _FRACTION),
+        ("train.clip_grad", train.clip_grad, _NON_NEGATIVE), ("train.seq_length", train.seq_length, _POSITIVE),
+        ("train.micro_batch_size", train.micro_batch_size, _POSITIVE),
+        ("train.global_batch_size", train.global_batch_size, _POSITIVE),
+        ("train.eval_interval", train.eval_interval, _NON_NEGATIVE),
+        ("train.eval_iters", train.eval_iters, _NON_NEGATIVE), ("train.log_interval", train.log_interval, _POSITIVE),
+        ("train.max_steps_this_run", train.max_steps_this_run, _POSITIVE),
+        ("model.num_layers", model.num_layers, _POSITIVE), ("model.hidden_size", model.hidden_size, _POSITIVE),
+        ("model.num_attention_heads", model.num_attention_heads, _POSITIVE),
+        ("model.ffn_hidden_size", model.ffn_hidden_size, _POSITIVE),
+        ("model.num_experts", model.num_experts, _POSITIVE),
+        ("model.moe_ffn_hidden_size", model.moe_ffn_hidden_size, _POSITIVE),
+        ("model.vocab_size", model.vocab_size, _POSITIVE),
+        ("model.max_position_embeddings", model.max_position_embeddings, _POSITIVE),
+        ("model.rotary_base", model.rotary_base, _POSITIVE),
+        ("model.init_method_std", model.init_method_std, _POSITIVE),
+        ("model.attention_dropout", model.attention_dropout, _FRACTION),
+        ("model.hidden_dropout", model.hidden_dropout, _FRACTION),
+        ("model.first_dense_layers", model.first_dense_layers, _NON_NEGATIVE),
+        ("router.aux_loss_coeff", router.aux_loss_coeff, _NON_NEGATIVE),
+        ("router.z_loss_coeff", router.z_loss_coeff, _NON_NEGATIVE),
+        ("router.bias_update_rate", router.bias_update_rate, _NON_NEGATIVE),
+        ("router.grouter.scaling_factor", router.grouter.scaling_factor, _POSITIVE),
+        ("data.vocab_size", data.vocab_size, _POSITIVE), ("data.max_documents", data.max_documents, _POSITIVE),
+        ("data.num_workers", data.num_workers, _NON_NEGATIVE),
+        ("parallel.tensor", parallel.tensor, _POSITIVE), ("parallel.pipeline", parallel.pipeline, _POSITIVE),
+        ("parallel.expert", parallel.expert, _POSITIVE),
+    ]
+    for name, value, (rule, holds) in checks:
+        if value is None:  # optional fields left unset
+            continue
+        if (isinstance(value, float) and not math.isfinite(value)) or not holds(value):
+            raise UserError(f"{name}={value} must be {rule}; fix the value")
+
+
 def validate(root: RootConfig, world_size: int, tokenizer_vocab: int | None = None) -> None:
     """Check what the types cannot; raise one UserError for the first problem found."""
     model, router, train, parallel = root.model, root.router, root.train, root.parallel
+    validate_numbers(root)
     if model.topk < 1 or model.topk > model.num_experts:
         raise UserError(f"model.topk={model.topk} must be between 1 and model.num_experts="
                         f"{model.num_experts}")

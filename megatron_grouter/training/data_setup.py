@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from megatron_grouter.data.gpt_datasets import build_gpt_datasets
 from megatron_grouter.data.indexed import check_dataset_tokenizer
+from megatron_grouter.data.integrity import verify_dataset
 from megatron_grouter.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grouter.errors import UserError
 from megatron_grouter.runtime.distributed import ParallelLayout
@@ -38,7 +39,8 @@ def resolve_dataset(data: DataConfig) -> tuple[str, str]:
     from megatron_grouter.data.default_corpus import prepare_corpus
 
     paths = prepare_corpus(corpus=data.corpus, out_dir=data.out_dir, vocab_size=data.vocab_size,
-                           tokenizer=data.tokenizer, max_documents=data.max_documents)
+                           tokenizer=data.tokenizer, max_documents=data.max_documents,
+                           jsonl_key=data.text_field, suffixes=data.suffixes)
     return str(paths.prefix), str(paths.tokenizer_dir)
 
 
@@ -46,6 +48,8 @@ def prepare_datasets(root: RootConfig, layout: ParallelLayout) -> TrainingData:
     data, train = root.data, root.train
     if layout.is_main:
         prefix, tokenizer_path = resolve_dataset(data)
+        # Once, on one rank: a damaged .bin or ids outside the vocabulary stop here, in one line.
+        verify_dataset(prefix, load_tokenizer(tokenizer_path))
         shared = [prefix, tokenizer_path]
     else:
         shared = [None, None]

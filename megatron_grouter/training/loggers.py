@@ -17,13 +17,20 @@ log = logging.getLogger("megatron_grouter")
 
 
 class MetricsLogger:
+    """Opens its files at the first `log`, not when built: a run refused after the trainer was
+    built (a foreign Grouter or cache) leaves no out_dir with an empty metrics.jsonl."""
+
     def __init__(self, config: LoggerConfig, out_dir: Path, enabled: bool, run_config: dict):
         self.enabled = enabled
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.run_config = run_config
         self.jsonl = None
         self.tensorboard = None
         self.wandb_run = None
-        if not enabled:
-            return
+
+    def _open(self) -> None:
+        config, out_dir = self.config, self.out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(out_dir / "metrics.jsonl", "a")
         if config.tensorboard:
@@ -35,11 +42,13 @@ class MetricsLogger:
             import wandb
 
             self.wandb_run = wandb.init(project=config.wandb_project, dir=str(out_dir),
-                                        config=run_config, mode=config.wandb_mode)
+                                        config=self.run_config, mode=config.wandb_mode)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
+        if self.jsonl is None:
+            self._open()
         record = {"step": step, **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
@@ -53,10 +62,13 @@ class MetricsLogger:
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
+            self.jsonl = None
         if self.tensorboard is not None:
             self.tensorboard.close()
+            self.tensorboard = None
         if self.wandb_run is not None:
             self.wandb_run.finish()
+            self.wandb_run = None
 
 
 def setup_console_logging(is_main: bool) -> None:

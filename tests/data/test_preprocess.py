@@ -158,13 +158,13 @@ def test_corrupted_index_is_refused(tokenizer, corpus_dir, tmp_path):
 def test_jsonl_text_key_and_bad_records(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"content": "first"}) + "\n\n" + json.dumps({"content": "sécond"}) + "\n")
-    documents = list(iter_documents(str(path), jsonl_key="content"))
+    documents = list(iter_documents(str(path), text_field="content"))
     assert [(document.name, document.text) for document in documents] == [("docs.jsonl:1", "first"),
                                                                           ("docs.jsonl:3", "sécond")]
     with pytest.raises(UserError, match="docs.jsonl:1 has no 'text' field"):
         list(iter_documents(str(path)))
     path.write_text(json.dumps({"text": 7}) + "\n")
-    with pytest.raises(UserError, match="docs.jsonl:1 field 'text' is not a string"):
+    with pytest.raises(UserError, match="docs.jsonl:1 field .text. is int, not a string"):
         list(iter_documents(str(path)))
 
 

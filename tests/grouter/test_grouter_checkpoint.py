@@ -79,7 +79,9 @@ def test_history_is_kept_across_saves(tmp_path):
 def test_refuses_expert_count_mismatch(tmp_path):
     _, directory = saved(tmp_path)
     message = refusal(directory, expected_num_experts=16)
-    assert "has 12 experts but the model has 16" in message and "mg-fold" in message
+    assert "has 12 experts but the model has 16" in message and "mg-expand" in message  # fewer: expand
+    message = refusal(directory, expected_num_experts=8)
+    assert "has 12 experts but the model has 8" in message and "mg-fold" in message  # more: fold
 
 
 @pytest.mark.parametrize("tokenizer", [
