@@ -64,7 +64,8 @@ def _probmoe(router, context, slots):
     from megatron_grouter.routing.probmoe_router import ProbMoERouter
 
     return functools.partial(ProbMoERouter, k_min=router.probmoe.k_min,
-                             inference_rule=router.probmoe.inference_rule)
+                             inference_rule=router.probmoe.inference_rule,
+                             temperature=router.probmoe.temperature)
 
 
 _ROUTERS: dict[str, RouterKind] = {

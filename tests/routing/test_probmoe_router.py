@@ -81,3 +81,16 @@ def test_unsupported_settings_are_refused(overrides):
         make_router(**overrides)
     with pytest.raises(UserError):
         make_router(k_min=5, topk=4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_router_never_synchronises_with_the_host_on_cuda():
+    router = make_router(k_min=2, topk=4).cuda().train()
+    x = hidden().cuda().requires_grad_(True)
+    router.generator = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        probs_TE, _ = router(x)
+        probs_TE.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

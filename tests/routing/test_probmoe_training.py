@@ -31,3 +31,14 @@ def test_probmoe_exact_k_with_expert_parallelism(stdlib_data, tmp_path):
     assert len(records) == 4
     assert all(record["moe/active_experts"] == 2.0 for record in records)  # exactly k
     assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_training_subset_entropy_leaves_its_maximum_within_100_steps(stdlib_data, tmp_path):
+    # near-uniform sampling (logits std ~0.2 at init, temperature 1) kept it within 2.5% of
+    # log C(8, 2) for the whole run; the probmoe config's temperature must sharpen it
+    train_in_process([*data_overrides(stdlib_data), *MICRO_MODEL, "router=probmoe_exact_k",
+                      "train.steps=110", "train.warmup_steps=10", "train.eval_interval=0",
+                      "train.save_interval=-1", "train.log_interval=10", f"train.out_dir={tmp_path}"])
+    late = [record["moe/subset_entropy"] for record in read_metrics(tmp_path)
+            if "loss" in record and record["step"] > 100]
+    assert late and max(late) < 0.98 * math.log(28)
