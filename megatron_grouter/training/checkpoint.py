@@ -25,6 +25,7 @@ from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_
                                                         optim_state_to_sharding_state)
 
 from megatron_grouter.errors import UserError
+from megatron_grouter.training.safe_checkpoint_read import verify_checkpoint_safe
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAIN_STATE = "train_state.json"
@@ -134,6 +135,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if not is_complete(path):
         raise UserError(f"{path} is not a complete checkpoint (no {TRAIN_STATE}); "
                         "pass another directory to train.resume or use train.resume=auto")
+    verify_checkpoint_safe(path)  # before dist_checkpointing unpickles anything in it
     train_state = json.loads((path / TRAIN_STATE).read_text())
     ensure_optimizer_state(optimizer)
     loaded = dist_checkpointing.load(sharded_state(model, optimizer), str(path))
