@@ -42,6 +42,15 @@ def _refuse_unsupported(root, layout: str) -> None:
         raise UserError("model.multi_latent_attention=true has no Qwen-MoE layout; export supports "
                         "standard (GQA) attention only")
     if router.type in ROUTED_BY_GROUTER:
+        if router.grouter.plan:
+            raise UserError(f"router.grouter.plan={router.grouter.plan}: an EP placement permutes expert slots; "
+                            "export a run trained without a plan")
+        if router.type == "grouter_hybrid" and router.topk_scaling_factor not in (None, 1, 1.0):
+            raise UserError(f"router.topk_scaling_factor={router.topk_scaling_factor} is not reproduced by "
+                            "attach_grouter; cannot export exactly")
+        if layout == "qwen3_moe" and model.shared_expert_intermediate_size:
+            raise UserError("Qwen3-MoE has no shared experts and Qwen2-MoE no q/k norm: a model with both "
+                            "cannot be exported")
         return
     if router.type != "topk":
         raise UserError(f"router.type={router.type} has no transformers equivalent; export supports the "
@@ -209,13 +218,16 @@ def _readme(layout: str, root, grouter_dir: str | None, checkpoint: Path) -> str
         lines += ["```", "", "The learned routers are exported as the `gate` weights: this model routes "
                   "itself; its logits equal the megatron checkpoint's."]
     else:
+        gates = ("ZERO placeholders (grouter_fixed: the Grouter gives the weights too)"
+                 if root.router.type == "grouter_fixed" else
+                 "the layer's trained gate, used only to weigh the experts the Grouter chose (grouter_hybrid)")
         lines += ["from megatron_grouter.offline.hf_grouter_routing import attach_grouter",
                   "attach_grouter(model, '<this directory>/grouter')  # pip install megatron-grouter",
                   "```", "",
                   f"This target was trained with preemptive routing (router.type={root.router.type}): a frozen "
                   "Grouter chooses every token's experts and gate weights from the token ids, for all MoE layers.",
-                  "The `gate` weights in this directory are ZERO placeholders. Without `attach_grouter` the "
-                  "model routes every token to the same experts and its outputs are wrong.",
+                  f"The `gate` weights in this directory are {gates}. Without `attach_grouter` the model "
+                  "routes by those gates, not by the experts it was trained with, and its outputs are wrong.",
                   f"The Grouter is in `grouter/` (copied from {grouter_dir}); `attach_grouter` replaces each "
                   "layer's routing by the Grouter's for the ids of each forward (no KV-cache generation: "
                   "call the model on the whole sequence)."]
@@ -255,11 +267,15 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, layout: str = "auto",
     (out_dir / README).write_text(_readme(layout, root, grouter_dir, path))
     (out_dir / "megatron_grouter_export.json").write_text(json.dumps(
         {"checkpoint": str(path), "layout": layout, "router": root.router.type, "dtype": dtype,
-         "grouter": "grouter" if grouter_routed else None}, indent=2))
+         "grouter": "grouter" if grouter_routed else None,
+         "scaling_factor": root.router.grouter.scaling_factor if grouter_routed else None,
+         "activation_threshold": root.router.grouter.activation_threshold if grouter_routed else None},
+        indent=2))
     return out_dir
 
 
-def _load_gpt_model(path: Path, root, state: dict):
+def _load_gpt_model(path: Path, root, state: dict, context=None):
+    """Our GPTModel with the checkpoint's weights (preemptive routers read `context`)."""
     from megatron_grouter.runtime.seed import set_seed
     from megatron_grouter.training.config import ParallelConfig
     from megatron_grouter.training.model import build_gpt_model
@@ -267,7 +283,7 @@ def _load_gpt_model(path: Path, root, state: dict):
 
     verify_checkpoint_safe(path)
     set_seed(root.train.seed)
-    model = build_gpt_model(root.model, root.router, ParallelConfig(), state["vocab_size"])
+    model = build_gpt_model(root.model, root.router, ParallelConfig(), state["vocab_size"], context=context)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))["model"]
     model.load_state_dict(loaded, strict=True)
     return model.eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,7 @@ def test_exported_model_logits_equal_ours(stdlib_data, tmp_path, layout, extra):
     ours_BSV = _our_logits(checkpoint, ids_BS)
     assert ours_BSV.std() > 0.05
     torch.testing.assert_close(theirs_BSV, ours_BSV, rtol=1e-5, atol=2e-5)
+    assert (unrouted_BSV - ours_BSV).abs().max() > 1e-3  # the README's step is needed
     # the routing is the learned one: HF picks the same experts our routers pick
     assert hf.model.layers[-1].mlp.gate.weight.abs().sum() > 0
 
@@ -69,3 +71,41 @@ def test_unsupported_and_bad_inputs_are_one_line(stdlib_data, tmp_path, capsys):
     assert len(errors) == 4 and all(line.startswith("error: ") for line in errors), errors
     assert "score_function=sigmoid" in errors[0]
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("router", ["grouter_fixed", "grouter_hybrid"])
+def test_grouter_routed_target_exports_with_its_grouter_and_routes_the_same(stdlib_data, tmp_path, router):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "routing"))
+    from grouter_fixtures import random_grouter
+
+    from megatron_grouter.grouter.checkpoint import load_grouter
+    from megatron_grouter.offline.hf_grouter_routing import attach_grouter
+    from megatron_grouter.routing.context import Routing, RoutingContext
+
+    grouter_dir = random_grouter(stdlib_data["tokenizer"], tmp_path / "grouter")
+    checkpoint = _train(stdlib_data, tmp_path / "run", [
+        f"router={router}", f"router.grouter.path={grouter_dir}", "router.grouter.source=online",
+        "router.grouter.scaling_factor=1.5"])
+    assert main([str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    readme = (tmp_path / "hf" / "README.md").read_text()
+    assert "attach_grouter(model, '<this directory>/grouter')" in readme
+    assert (tmp_path / "hf" / "grouter" / "model.safetensors").is_file()
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    ids_BS = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unrouted_BSV = hf(input_ids=ids_BS, use_cache=False).logits
+    attach_grouter(hf, tmp_path / "hf" / "grouter")
+    with torch.no_grad():
+        theirs_BSV = hf(input_ids=ids_BS, use_cache=False).logits
+
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    context = RoutingContext()
+    gpt = _load_gpt_model(checkpoint, to_train_config(state["config"]), state, context=context)
+    grouter, _ = load_grouter(grouter_dir)
+    with torch.no_grad():
+        context.set(Routing.from_batch_first(*grouter.route(ids_BS)))
+        mask = torch.triu(torch.ones(32, 32, dtype=torch.bool), 1)[None, None]
+        ours_BSV = gpt(ids_BS, torch.arange(32).expand_as(ids_BS), mask)
+    torch.testing.assert_close(theirs_BSV, ours_BSV, rtol=1e-5, atol=2e-5)
+    assert (unrouted_BSV - ours_BSV).abs().max() > 1e-3  # the README's step is needed
