@@ -13,6 +13,8 @@ CONSOLE_SCRIPTS = [
     "mg-expand=megatron_grouter.offline.convert_cli:expand_main",
     "mg-tune=megatron_grouter.offline.convert_cli:tune_main",
     "mg-reproduce=megatron_grouter.reproduce.cli:main",
+    "mg-export=megatron_grouter.offline.export_hf:main",
+    "mg-import-grouter=megatron_grouter.offline.import_grouter:main",
 ]
 
 setup(

@@ -56,7 +56,8 @@ def build_teacher(source, device: torch.device):
     if source.kind == "hf":
         from megatron_grouter.offline.sources import HFPartialSource
 
-        return HFPartialSource(source.path, moe_layer=source.moe_layer, device=str(device))
+        return HFPartialSource(source.path, moe_layer=source.moe_layer, device=str(device),
+                               routing_target=str(source.get("routing_target", "auto")))
     if source.kind == "megatron":
         from megatron_grouter.offline.sources.megatron_checkpoint import MegatronCheckpointSource
 

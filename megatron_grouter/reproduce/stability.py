@@ -48,7 +48,9 @@ def load_model(checkpoint: Path):
     from megatron_grouter.runtime.seed import set_seed
     from megatron_grouter.training.config import ParallelConfig, to_train_config
     from megatron_grouter.training.model import build_gpt_model
+    from megatron_grouter.training.safe_checkpoint_read import verify_checkpoint_safe
 
+    verify_checkpoint_safe(checkpoint)  # before dist_checkpointing unpickles anything in it
     state = json.loads((checkpoint / "train_state.json").read_text())
     root = to_train_config(state["config"])
     if root.router.type not in ("topk", "probmoe"):

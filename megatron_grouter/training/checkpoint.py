@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_grouter.errors import UserError
+from megatron_grouter.training.safe_checkpoint_read import verify_checkpoint_safe
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAIN_STATE = "train_state.json"
@@ -154,6 +155,7 @@ def load_checkpoint(path: Path, model_chunks: list, optimizer) -> dict:
     if not is_complete(path):
         raise UserError(f"{path} is not a complete checkpoint (no {TRAIN_STATE}); "
                         "pass another directory to train.resume or use train.resume=auto")
+    verify_checkpoint_safe(path)  # before dist_checkpointing unpickles anything in it
     train_state = json.loads((path / TRAIN_STATE).read_text())
     if train_state.get("checkpoint_format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} was written by an older megatron-grouter trainer (torch AdamW "

@@ -86,3 +86,14 @@ def test_distillation_option_chooses_a_causal_or_bidirectional_grouter(causal, s
                           extra=[f"grouter.causal={str(causal).lower()}"])
     grouter, _ = load_grouter(summary["grouter"])
     assert grouter.config.causal is causal and grouter.config.sees_future_tokens is not causal
+
+
+def test_deepseek_v3_teacher_routes_by_its_real_selection_and_says_so(stdlib_data, tmp_path):
+    teacher = tiny_teacher_on_corpus("deepseek_v3", tmp_path / "teacher", stdlib_data["tokenizer"], 4096)
+    summary = run_distill(stdlib_data, "hf", teacher, tmp_path / "out", steps=2)
+    _, info = load_grouter(summary["grouter"], expected_num_experts=8)
+    source = info.provenance["source_model"]
+    assert source["routing_target"] == "routed" and source["selection"] == "sigmoid_bias_group"
+    assert source["raw_topk_agreement"] < 0.99
+    raw = run_distill(stdlib_data, "hf", teacher, tmp_path / "raw", steps=2, extra=["source.routing_target=raw"])
+    assert load_grouter(raw["grouter"], expected_num_experts=8)[1].provenance["source_model"]["routing_target"] == "raw"

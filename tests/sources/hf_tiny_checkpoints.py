@@ -12,6 +12,7 @@ import os
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     DeepseekV2Config,
     DeepseekV3Config,
@@ -74,10 +75,50 @@ def tiny_config(model_type: str) -> PretrainedConfig:
             **_COMMON, num_hidden_layers=4, head_dim=8, num_local_experts=8, num_experts_per_tok=2,
             sliding_window=4,
         )
+    if model_type in _EXTRA:
+        return AutoConfig.for_model(model_type, **{**_COMMON, **_EXTRA[model_type]})
     raise ValueError(f"no tiny config for {model_type}")
 
 
-FAMILY_TYPES = ("qwen3_moe", "olmoe", "mixtral", "deepseek_v3", "deepseek_v2", "gpt_oss")
+_MOE8 = dict(moe_intermediate_size=16, num_experts_per_tok=2)
+# Families added later, one registry entry each; each has a dense layer or an irregular MoE pattern
+# where its config allows one, shared experts where it has them.
+_EXTRA: dict[str, dict] = {
+    "qwen2_moe": dict(num_hidden_layers=4, num_experts=8, shared_expert_intermediate_size=24,
+                      mlp_only_layers=[1], **_MOE8),
+    "qwen3_next": dict(num_hidden_layers=4, head_dim=8, num_experts=8, shared_expert_intermediate_size=24,
+                       layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                       linear_value_head_dim=8, mlp_only_layers=[0], **_MOE8),
+    "qwen3_5_moe_text": dict(num_hidden_layers=4, head_dim=8, num_experts=8, shared_expert_intermediate_size=24,
+                             layer_types=["linear_attention", "full_attention"] * 2, linear_num_value_heads=4,
+                             linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, **_MOE8),
+    "glm4_moe": dict(num_hidden_layers=4, head_dim=8, n_routed_experts=8, n_group=2, topk_group=1,
+                     n_shared_experts=1, first_k_dense_replace=1, **_MOE8),
+    "dots1": dict(num_hidden_layers=4, head_dim=8, n_routed_experts=8, n_group=2, topk_group=1,
+                  n_shared_experts=1, first_k_dense_replace=1, **_MOE8),
+    "exaone_moe": dict(num_hidden_layers=4, head_dim=8, num_experts=8, n_group=2, topk_group=1,
+                       num_shared_experts=1, first_k_dense_replace=1, sliding_window=4,
+                       layer_types=["sliding_attention", "full_attention"] * 2,
+                       mlp_layer_types=["dense", "sparse", "sparse", "sparse"], **_MOE8),
+    "ernie4_5_moe": dict(num_hidden_layers=4, moe_num_experts=8, moe_k=2, moe_intermediate_size=16,
+                         moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_interval=1),
+    "llama4_text": dict(num_hidden_layers=4, head_dim=8, num_local_experts=8, num_experts_per_tok=2,
+                        intermediate_size_mlp=48, interleave_moe_layer_step=2, attention_chunk_size=4,
+                        no_rope_layers=[1, 1, 1, 0]),
+    "granitemoe": dict(num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2),
+    "granitemoeshared": dict(num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2,
+                             shared_intermediate_size=24),
+    "phimoe": dict(num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2),
+    "flex_olmo": dict(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2),
+    "minimax": dict(num_hidden_layers=4, head_dim=8, num_local_experts=8, num_experts_per_tok=2,
+                    layer_types=["linear_attention", "full_attention"] * 2),
+    "hunyuan_v1_moe": dict(num_hidden_layers=3, head_dim=8, num_experts=8, moe_topk=2, moe_intermediate_size=16),
+    "cohere2_moe": dict(num_hidden_layers=3, head_dim=8, num_experts=8, num_experts_per_tok=2,
+                        moe_intermediate_size=16),
+}
+
+FAMILY_TYPES = ("qwen3_moe", "olmoe", "mixtral", "deepseek_v3", "deepseek_v2", "gpt_oss", *_EXTRA)
 
 
 def randomise_all_tensors(model: torch.nn.Module) -> None:

@@ -40,13 +40,14 @@ def test_partial_logits_match_full_model_on_every_moe_layer(checkpoints, model_t
     full = load_full_model(model_dir)
     input_ids_BS, attention_mask_BS = _batch()
 
-    first = HFPartialSource(model_dir)
+    first = HFPartialSource(model_dir, routing_target="raw")
     moe_layers = first.description["moe_layers"]
     assert isinstance(first, TeacherSource)
     assert first.moe_layer == moe_layers[0]
     assert len(moe_layers) >= 2
     for position, layer in enumerate(moe_layers):
-        source = first if layer == first.moe_layer else HFPartialSource(model_dir, moe_layer=layer)
+        source = (first if layer == first.moe_layer
+                  else HFPartialSource(model_dir, moe_layer=layer, routing_target="raw"))
         logits_BSE = source.router_logits(input_ids_BS, attention_mask_BS)
         expected_BSE = _full_model_router_logits(full, input_ids_BS, attention_mask_BS, position)
         assert logits_BSE.dtype == torch.float32
@@ -73,14 +74,15 @@ def test_layers_give_different_logits_and_padding_does_not_leak_backwards(checkp
 def test_bfloat16_weights_match_full_bfloat16_model(tmp_path, model_type):
     model_dir = make_tiny_checkpoint(model_type, str(tmp_path / "bf16"), dtype=torch.bfloat16)
     input_ids_BS, attention_mask_BS = _batch()
-    source = HFPartialSource(model_dir, dtype=torch.bfloat16)
+    source = HFPartialSource(model_dir, dtype=torch.bfloat16, routing_target="raw")
     full = load_full_model(model_dir, dtype=torch.bfloat16)
     logits_BSE = source.router_logits(input_ids_BS, attention_mask_BS)
     assert logits_BSE.dtype == torch.float32
     torch.testing.assert_close(logits_BSE, _full_model_router_logits(full, input_ids_BS, attention_mask_BS, 0))
 
     # Loading the bf16 files in fp32 upcasts them; the logits then differ from bf16 only by rounding.
-    upcast_BSE = HFPartialSource(model_dir, dtype=torch.float32).router_logits(input_ids_BS, attention_mask_BS)
+    upcast = HFPartialSource(model_dir, dtype=torch.float32, routing_target="raw")
+    upcast_BSE = upcast.router_logits(input_ids_BS, attention_mask_BS)
     torch.testing.assert_close(upcast_BSE, logits_BSE, rtol=0.1, atol=0.1)
 
 

@@ -40,7 +40,12 @@ def _tensor_bytes(model_dir: str, key: str) -> int:
 
 
 def _is_expert_of_the_moe_block(suffix: str) -> bool:
-    return "experts" in suffix  # routed experts ("experts.3.w1", "experts.gate_up_proj") or shared_experts
+    # routed experts ("mlp.experts.3.w1", "mlp.experts.gate_up_proj"), shared experts and their gate
+    # ("mlp.shared_experts.*", "mlp.shared_expert_gate.*"), Granite's fused experts ("input_linear"),
+    # shared MLPs beside the MoE (HunYuan "mlp.shared_mlp.*", Granite "shared_mlp.*").
+    parts = suffix.split(".")
+    return parts[0] == "shared_mlp" or len(parts) > 2 and (
+        "expert" in parts[1] or parts[1] in ("shared_mlp", "input_linear", "output_linear"))
 
 
 @pytest.mark.parametrize("model_type", FAMILY_TYPES)
@@ -91,7 +96,7 @@ def test_first_moe_layer_reads_a_small_fraction_of_a_deep_model(tmp_path):
 def test_single_file_checkpoint_without_index(tmp_path):
     model_dir = make_tiny_checkpoint("mixtral", str(tmp_path / "single"), max_shard_size="100MB")
     assert not os.path.exists(os.path.join(model_dir, "model.safetensors.index.json"))
-    source = HFPartialSource(model_dir, moe_layer=1)
+    source = HFPartialSource(model_dir, moe_layer=1, routing_target="raw")
     full = load_full_model(model_dir)
     input_ids_BS = torch.arange(3, 15).reshape(2, 6)
     with torch.no_grad():

@@ -22,7 +22,7 @@ def _needed_in_chosen_layer(suffix: str, family: MoEFamily) -> bool:
     block, _, rest = suffix.partition(".")
     if block not in family.checkpoint_block_names:
         return True  # attention, norms
-    return rest.split(".", 1)[0] == family.router_name
+    return rest.split(".", 1)[0] in family.router_checkpoint_names
 
 
 def needed_checkpoint_keys(keys: Iterable[str], moe_layer: int, family: MoEFamily) -> list[str]:

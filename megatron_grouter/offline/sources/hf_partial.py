@@ -26,6 +26,9 @@ from megatron_grouter.offline.sources.base import TeacherSource, check_token_bat
 from megatron_grouter.offline.sources.checkpoint_reader import SafetensorsCheckpoint
 from megatron_grouter.offline.sources.hf_checkpoint_keys import needed_checkpoint_keys
 from megatron_grouter.offline.sources.hf_families import MoEFamily, family_for
+from megatron_grouter.offline.sources.hf_routing_target import (AUTO_MIN_AGREEMENT, ROUTING_TARGETS,
+                                                                 real_selection, routed_logits,
+                                                                 topk_agreement)
 from megatron_grouter.offline.sources.hf_truncated_model import build_truncated_model, meta_parameter_names
 from megatron_grouter.offline.sources.router_capture import run_until_router
 
@@ -90,6 +93,11 @@ class HFPartialSource(TeacherSource):
         moe_layer: decoder-layer index of the MoE layer to read; None picks the first MoE layer.
         dtype: dtype the weights are loaded in (logits are always returned as float32).
         device: where the partial model runs.
+        routing_target: which logits the teacher hands out. raw: the router's raw logits; routed:
+            logits whose top-k is the set the model really selects (bias and group limit applied,
+            see hf_routing_target); auto: routed when the raw top-k disagrees with the model's own
+            selection on more than 1% of a fixed probe batch (measured at construction and
+            recorded in `description`, hence in the Grouter's provenance).
 
     `tensors_read` / `bytes_read` / `keys_read` report what was read from the checkpoint.
     Supported model types: see `hf_families.FAMILIES`.
@@ -101,7 +109,10 @@ class HFPartialSource(TeacherSource):
         moe_layer: int | None = None,
         dtype: torch.dtype | str = torch.float32,
         device: str | torch.device = "cpu",
+        routing_target: str = "auto",
     ):
+        if routing_target not in ROUTING_TARGETS:
+            raise UserError(f"routing_target={routing_target!r} is unknown; choose {', '.join(ROUTING_TARGETS)}")
         model_dir = os.path.abspath(os.fspath(model_dir))
         if not os.path.isdir(model_dir):
             raise UserError(
@@ -120,7 +131,7 @@ class HFPartialSource(TeacherSource):
         moe_layers = family.moe_layers(config)
         self.moe_layer = _choose_layer(moe_layer, moe_layers, config, model_dir)
         self.num_experts = family.num_experts(config)
-        self.topk = int(config.num_experts_per_tok)
+        self.topk = family.topk(config)
         self.vocab_size = int(config.vocab_size)
         has_tokenizer = any(os.path.isfile(os.path.join(model_dir, name)) for name in _TOKENIZER_FILES)
         self.tokenizer_dir = model_dir if has_tokenizer else None
@@ -145,8 +156,36 @@ class HFPartialSource(TeacherSource):
         )
         del tensors
         self._check_everything_needed_loaded(family)
-        layer_module = self._model.base_model.layers[self.moe_layer]
+        self._family = family
+        layer_module = self._decoder.layers[self.moe_layer]
         self._router = layer_module.get_submodule(".".join(family.router_module_path))
+        self.routing_target = self._choose_routing_target(routing_target)
+
+    @property
+    def _decoder(self) -> torch.nn.Module:
+        decoder = getattr(self._model, "model", None)  # *ForCausalLM.model (Llama-4's base_model is itself)
+        return decoder if decoder is not None else self._model.base_model
+
+    def _choose_routing_target(self, requested: str) -> str:
+        """raw or routed; for auto, measured on a fixed probe batch (same on every rank)."""
+        self.description["selection"] = self._family.selection
+        if self._family.selection == "topk":  # the model selects the top-k of the raw logits
+            self.description["routing_target"] = "raw"
+            return "raw"
+        generator = torch.Generator().manual_seed(0)
+        seq = min(64, int(getattr(self._model.config, "max_position_embeddings", 64) or 64))
+        probe_BS = torch.randint(0, self.vocab_size, (4, seq), generator=generator)
+        logits_TE, indices_TK = self.raw_logits_and_selection(probe_BS)
+        agreement = topk_agreement(logits_TE, indices_TK) if indices_TK is not None else 1.0
+        chosen = requested
+        if requested == "auto":
+            chosen = "routed" if agreement < AUTO_MIN_AGREEMENT else "raw"
+        self.description.update(routing_target=chosen, routing_target_requested=requested,
+                                raw_topk_agreement=round(agreement, 4),
+                                routing_target_rule=f"auto: routed when the raw logits' top-k matches the "
+                                                    f"model's selection for < {AUTO_MIN_AGREEMENT:.0%} of "
+                                                    f"{probe_BS.numel()} random probe tokens")
+        return chosen
 
     @property
     def tensors_read(self) -> int:
@@ -163,12 +202,13 @@ class HFPartialSource(TeacherSource):
     def _check_everything_needed_loaded(self, family: MoEFamily) -> None:
         """Only the chosen layer's non-router MoE parts, the final norm and the head may stay unloaded."""
         block, router = family.router_module_path[0], family.router_name
-        chosen_block = f"layers.{self.moe_layer}.{block}."
+        router_prefix = f"layers.{self.moe_layer}.{block}.{router}."
+        skipped = [f"layers.{self.moe_layer}.{name}." for name in (block, *family.checkpoint_block_names)]
         missing = []
         for name in meta_parameter_names(self._model):
             if ".layers." not in name and ".embed_tokens." not in name:
                 continue  # final norm, LM head: after the router
-            if chosen_block in name and f"{chosen_block}{router}." not in name:
+            if any(prefix in name for prefix in skipped) and router_prefix not in name:
                 continue  # experts / shared experts of the chosen layer
             missing.append(name)
         if missing:
@@ -187,9 +227,25 @@ class HFPartialSource(TeacherSource):
         input_ids_BS = input_ids_BS.to(self.device, torch.long)
         if attention_mask_BS is not None:
             attention_mask_BS = attention_mask_BS.to(self.device, torch.long)
-        decoder = self._model.base_model
+        logits_TE, _ = self._run(input_ids_BS, attention_mask_BS)
+        if self.routing_target == "routed":
+            logits_TE = routed_logits(self._router, logits_TE, self._family.selection)
+        return logits_TE.reshape(batch, seq, self.num_experts)
+
+    @torch.no_grad()
+    def raw_logits_and_selection(
+        self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw logits [T, E] and the expert ids [T, k] the router itself selected (None if it
+        returns none, i.e. it selects the top-k of the logits)."""
+        return self._run(input_ids_BS.to(self.device, torch.long),
+                         None if attention_mask_BS is None else attention_mask_BS.to(self.device, torch.long))
+
+    def _run(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor | None):
+        decoder, outputs = self._decoder, []
         logits_TE = run_until_router(
             self._router,
             lambda: decoder(input_ids=input_ids_BS, attention_mask=attention_mask_BS, use_cache=False),
+            logits_index=self._family.logits_output_index, keep_output=outputs,
         )
-        return logits_TE.reshape(batch, seq, self.num_experts)
+        return logits_TE, real_selection(outputs[0])

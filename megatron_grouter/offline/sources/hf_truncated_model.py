@@ -29,9 +29,13 @@ def truncated_config(config: PretrainedConfig, num_layers: int) -> PretrainedCon
     """A copy of `config` describing only the first `num_layers` decoder layers."""
     truncated = copy.deepcopy(config)
     truncated.num_hidden_layers = num_layers
-    layer_types = getattr(truncated, "layer_types", None)
-    if isinstance(layer_types, list) and len(layer_types) > num_layers:
-        truncated.layer_types = layer_types[:num_layers]  # per-layer attention kinds (GPT-OSS)
+    # Per-layer lists (attention kinds of GPT-OSS / Qwen3-Next, MLP kinds of EXAONE-MoE, Llama-4's
+    # no-RoPE layers) must shrink with the layer count or the config refuses to validate.
+    for name in list(vars(truncated)):
+        value = getattr(truncated, name)
+        per_layer = name.endswith("layer_types") or name == "no_rope_layers"
+        if per_layer and isinstance(value, list) and len(value) > num_layers:
+            setattr(truncated, name, value[:num_layers])
     truncated.use_cache = False
     return truncated
 

@@ -16,6 +16,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_grouter.errors import UserError
+from megatron_grouter.training.safe_checkpoint_read import verify_checkpoint_safe
 from megatron_grouter.offline.sources.base import TeacherSource, check_token_batch
 
 
@@ -47,6 +48,7 @@ class MegatronCheckpointSource(TeacherSource):
         from megatron_grouter.training.model import build_gpt_model, moe_layer_pattern
 
         self.path = resolve_checkpoint(checkpoint)
+        verify_checkpoint_safe(self.path)  # before anything in it is unpickled
         state = json.loads((self.path / "train_state.json").read_text())
         root = to_train_config(state["config"])
         pattern = moe_layer_pattern(root.model)

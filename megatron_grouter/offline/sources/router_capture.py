@@ -18,16 +18,22 @@ class _RouterReached(Exception):
     """Internal signal: the router has run and its logits are stored."""
 
 
-def run_until_router(router: nn.Module, run_model: Callable[[], object]) -> torch.Tensor:
+def run_until_router(router: nn.Module, run_model: Callable[[], object], logits_index: int = 0,
+                     keep_output: list | None = None) -> torch.Tensor:
     """Call `run_model()` and return the logits `router` produced, as float32 [tokens, E].
 
-    The hook is removed again before returning, whatever happens.
+    `logits_index` says where the logits sit in a tuple output (Llama-4's router returns
+    `(scores, logits)`). When `keep_output` is a list, the router's whole output is appended to it
+    (callers use the selected expert ids it returns). The hook is removed again before returning,
+    whatever happens.
     """
     captured: list[torch.Tensor] = []
 
     def keep_logits_and_stop(module: nn.Module, inputs: tuple, output: object) -> None:
-        logits = output[0] if isinstance(output, tuple) else output
+        logits = output[logits_index] if isinstance(output, tuple) else output
         captured.append(logits.detach().float())
+        if keep_output is not None:
+            keep_output.append(output)
         raise _RouterReached
 
     handle = router.register_forward_hook(keep_logits_and_stop)
