@@ -71,3 +71,31 @@ def test_plain_topk_family_stays_raw_and_unknown_target_is_refused(tmp_path):
     assert HFPartialSource(model_dir).description["routing_target"] == "raw"
     with pytest.raises(UserError, match="routing_target"):
         HFPartialSource(model_dir, routing_target="best")
+
+
+def test_llama4_multimodal_checkpoint_reads_only_its_text_decoder(tmp_path):
+    """Llama-4 Scout/Maverick ship as model_type llama4 (vision + text); the teacher is the text part."""
+    from hf_tiny_checkpoints import randomise_all_tensors, tiny_config
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+                  image_size=28, patch_size=14, projector_input_dim=32, projector_output_dim=32,
+                  vision_output_dim=32, pixel_shuffle_ratio=0.5, rope_theta=10000)
+    torch.manual_seed(0)
+    model = Llama4ForConditionalGeneration(Llama4Config(text_config=tiny_config("llama4_text").to_dict(),
+                                                        vision_config=vision)).eval()
+    randomise_all_tensors(model)
+    model.save_pretrained(tmp_path / "scout", max_shard_size="50KB")
+    ids_BS = _ids()
+    routers = [module for name, module in model.named_modules() if name.endswith("feed_forward.router")]
+    captured = []
+    handle = routers[-1].register_forward_hook(lambda m, i, out: captured.append(out[1]))
+    with torch.no_grad():  # the complete text decoder of the multimodal model
+        model.language_model(input_ids=ids_BS)
+    handle.remove()
+
+    source = HFPartialSource(str(tmp_path / "scout"), moe_layer=3)
+    assert source.description["checkpoint_model_type"] == "llama4"
+    assert source.description["moe_layers"] == [1, 3]
+    torch.testing.assert_close(source.router_logits(ids_BS).reshape(-1, 8), captured[0].float())
+    assert not any("vision" in key or "projector" in key for key in source.keys_read)

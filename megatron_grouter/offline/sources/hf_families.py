@@ -144,6 +144,21 @@ FAMILIES: dict[str, MoEFamily] = {
 }
 
 
+# Multimodal checkpoints whose text decoder is a supported family: model_type -> (attribute of the
+# text config, prefix of the text decoder's tensors in the checkpoint). Llama-4 Scout/Maverick ship
+# as `llama4` with `language_model.model.layers.*`; the vision tower is never read.
+MULTIMODAL_WRAPPERS: dict[str, tuple[str, str]] = {"llama4": ("text_config", "language_model.")}
+
+
+def text_part(config: PretrainedConfig) -> tuple[PretrainedConfig, str]:
+    """The text decoder's config and its checkpoint-key prefix ('' for a plain causal LM)."""
+    wrapper = MULTIMODAL_WRAPPERS.get(getattr(config, "model_type", None))
+    if wrapper is None:
+        return config, ""
+    attribute, prefix = wrapper
+    return getattr(config, attribute), prefix
+
+
 def family_for(config: PretrainedConfig, model_dir: str) -> MoEFamily:
     """The MoEFamily of `config`, or UserError naming the supported model types."""
     model_type = getattr(config, "model_type", None)

@@ -25,7 +25,7 @@ from megatron_grouter.errors import UserError
 from megatron_grouter.offline.sources.base import TeacherSource, check_token_batch
 from megatron_grouter.offline.sources.checkpoint_reader import SafetensorsCheckpoint
 from megatron_grouter.offline.sources.hf_checkpoint_keys import needed_checkpoint_keys
-from megatron_grouter.offline.sources.hf_families import MoEFamily, family_for
+from megatron_grouter.offline.sources.hf_families import MoEFamily, family_for, text_part
 from megatron_grouter.offline.sources.hf_routing_target import (AUTO_MIN_AGREEMENT, ROUTING_TARGETS,
                                                                  real_selection, routed_logits,
                                                                  topk_agreement)
@@ -127,6 +127,8 @@ class HFPartialSource(TeacherSource):
             method = fields.get("quant_method", "quantized")
             raise UserError(f"{model_dir} holds {method} weights; dequantize the checkpoint to bf16/fp32 first")
 
+        outer_model_type = getattr(config, "model_type", None)
+        config, key_prefix = text_part(config)
         family = family_for(config, model_dir)
         moe_layers = family.moe_layers(config)
         self.moe_layer = _choose_layer(moe_layer, moe_layers, config, model_dir)
@@ -139,6 +141,7 @@ class HFPartialSource(TeacherSource):
             "source": "hf_partial",
             "model_dir": model_dir,
             "model_type": config.model_type,
+            "checkpoint_model_type": outer_model_type,
             "architectures": list(getattr(config, "architectures", None) or []),
             "moe_layer": self.moe_layer,
             "moe_layers": moe_layers,
@@ -149,8 +152,12 @@ class HFPartialSource(TeacherSource):
         }
 
         self.checkpoint = SafetensorsCheckpoint(model_dir)
-        needed_keys = needed_checkpoint_keys(self.checkpoint.keys(), self.moe_layer, family)
-        tensors = self.checkpoint.read(needed_keys)
+        stored_as = {key.removeprefix(key_prefix): key for key in self.checkpoint.keys()
+                     if key.startswith(key_prefix)}
+        needed_keys = needed_checkpoint_keys(stored_as, self.moe_layer, family)
+        read = self.checkpoint.read([stored_as[key] for key in needed_keys])
+        tensors = {key: read[stored_as[key]] for key in needed_keys}
+        del read
         self._model = build_truncated_model(
             config, self.moe_layer + 1, tensors, dtype, self.device, model_dir
         )
