@@ -105,7 +105,7 @@ def test_cross_rank_corruption_of_a_peer_row_is_caught_and_named():
     with mp.Manager() as manager:
         results = manager.dict()
         mp.start_processes(agreement_worker, args=(free_port(), results), nprocs=2, join=True,
-                           start_method="fork")
+                           start_method="spawn")
         results = dict(results)
     assert results[1]["silent"] > 1e-3  # the case of the issue: wrong output, no error
     for rank in (0, 1):
