@@ -62,7 +62,7 @@ def test_two_gloo_ranks_build_identical_datasets(tmp_path):
     cache_dir = tmp_path / "cache"
     # fork: the ranks inherit the imported megatron-core (importing it again costs ~10 s per rank).
     mp.start_processes(build_on_rank, args=(free_port(), prefix, str(tokenizer.path.parent), str(cache_dir),
-                                            str(tmp_path)), nprocs=2, join=True, start_method="fork")
+                                            str(tmp_path)), nprocs=2, join=True, start_method="spawn")
 
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)

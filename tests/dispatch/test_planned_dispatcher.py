@@ -42,4 +42,4 @@ def test_planned_dispatcher_matches_allgather_ep4_and_ep2():
     # 4 processes: one EP=4 group, then two EP=2 groups side by side. Forked, so the children
     # share the parent's imports (megatron takes ~12 s of CPU to import).
     mp.start_processes(parity_worker, args=(4, free_port(), [4, 2], [case.name for case in CASES]),
-                       nprocs=4, join=True, start_method="fork")
+                       nprocs=4, join=True, start_method="spawn")
