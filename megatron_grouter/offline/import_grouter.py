@@ -142,7 +142,10 @@ def convert(reference: dict[str, torch.Tensor], structure: dict, routing: dict, 
         use_positions=not structure.get("no_pos_info", False),
         max_seq_length=int(structure["max_position_embeddings"]), rope_base=float(structure["rope_theta"]),
         norm_eps=float(structure["rms_norm_eps"]), score_function=str(routing.get("scoring_fun", "softmax")),
-        scaling_factor=float(routing.get("scaling_factor", 2.5)), score_bias=False, dtype=dtype)
+        scaling_factor=float(routing.get("scaling_factor", 2.5)), score_bias=False, dtype=dtype,
+        # the reference network is the paper's encoder: bidirectional, so mg-train refuses it for
+        # a causal LM unless router.grouter.allow_future_context=true
+        causal=False)
     order = _halves_order(heads, config.head_dim)
     state = {"embedding.weight": reference["model.embed_tokens.embed_tokens.weight"],
              "final_norm.weight": reference["model.norm.weight"],

@@ -52,7 +52,6 @@ def test_exported_model_logits_equal_ours(stdlib_data, tmp_path, layout, extra):
     ours_BSV = _our_logits(checkpoint, ids_BS)
     assert ours_BSV.std() > 0.05
     torch.testing.assert_close(theirs_BSV, ours_BSV, rtol=1e-5, atol=2e-5)
-    assert (unrouted_BSV - ours_BSV).abs().max() > 1e-3  # the README's step is needed
     # the routing is the learned one: HF picks the same experts our routers pick
     assert hf.model.layers[-1].mlp.gate.weight.abs().sum() > 0
 

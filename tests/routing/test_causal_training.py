@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -127,7 +128,9 @@ def routed(setup, causal: bool, out_dir: Path, source: str = "online", steps: in
 
 def test_mg_train_refuses_a_bidirectional_grouter_in_one_line(setup, tmp_path):
     command = [sys.executable, "-m", "megatron_grouter.train", *routed(setup, False, tmp_path / "run")]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    # a fresh job: not the rendezvous address an in-process run of this session left in os.environ
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "bidirectional" in errors[0] and "allow_future_context=true" in errors[0]
