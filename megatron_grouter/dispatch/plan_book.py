@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from megatron_grouter.atomic_files import save_npz_atomic
 from megatron_grouter.dispatch.plan import DispatchPlan
 from megatron_grouter.errors import UserError
 
@@ -115,21 +115,8 @@ class DispatchPlanBook:
                                 "the book (counts are then exchanged per micro-batch)")
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                meta = {"format_version": FORMAT_VERSION, "key": self.key}
-                np.savez(stream, meta=np.array(json.dumps(meta, sort_keys=True)), counts_QXMRE=self.counts_QXMRE)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
-        return path
+        return save_npz_atomic(path, {"format_version": FORMAT_VERSION, "key": self.key},
+                               counts_QXMRE=self.counts_QXMRE)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DispatchPlanBook":

@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from megatron_grouter.atomic_files import save_npz_atomic
 from megatron_grouter.errors import UserError
 
 GRANULARITIES = ("gpu", "node")
@@ -135,25 +135,8 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan to one .npz file atomically; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                np.savez(
-                    stream,
-                    meta=np.array(json.dumps(self._meta(), sort_keys=True)),
-                    slot_to_expert=self.slot_to_expert,
-                    placement_QRM=self.placement_QRM,
-                )
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
-        return path
+        return save_npz_atomic(path, self._meta(), slot_to_expert=self.slot_to_expert,
+                               placement_QRM=self.placement_QRM)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
