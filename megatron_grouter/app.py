@@ -19,3 +19,13 @@ def run_app(job: Callable, cfg) -> object:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def command_status(job: Callable[[], object]) -> int:
+    """The exit status of an argparse command: 0, or 2 after printing a UserError's one line."""
+    try:
+        job()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
+from megatron_grouter.app import command_status
 from megatron_grouter.errors import UserError
 
 log = logging.getLogger("megatron_grouter")
@@ -309,13 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", default="auto", help=f"one of {', '.join(LAYOUTS)}")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     args = parser.parse_args(argv)
-    try:
+    def job():
         out = export_hf(args.checkpoint, args.out_dir, args.layout, args.dtype)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    log.info("exported %s -> %s", args.checkpoint, out)
-    return 0
+        log.info("exported %s -> %s", args.checkpoint, out)
+
+    return command_status(job)
 
 
 if __name__ == "__main__":

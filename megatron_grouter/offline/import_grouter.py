@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_grouter.app import command_status
 from megatron_grouter.errors import UserError
 
 log = logging.getLogger("megatron_grouter")
@@ -223,15 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", type=int, help="which layer's Grouter of a multi-layer .pt")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16")
     args = parser.parse_args(argv)
-    try:
+    def job():
         out = import_grouter(args.checkpoint, args.out_dir, args.tokenizer, args.structure_config,
                              args.grouter_config, args.topk, args.scaling_factor, args.bias_file,
                              args.layer, args.dtype)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    log.info("imported %s -> %s", args.checkpoint, out)
-    return 0
+        log.info("imported %s -> %s", args.checkpoint, out)
+
+    return command_status(job)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import sys
 from itertools import islice
 from pathlib import Path
 
+from megatron_grouter.app import command_status
 from megatron_grouter.errors import UserError
 
 log = logging.getLogger("megatron_grouter")
@@ -81,12 +82,7 @@ def preprocess(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    try:
-        preprocess(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return command_status(lambda: preprocess(args))
 
 
 if __name__ == "__main__":
