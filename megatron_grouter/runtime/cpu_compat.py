@@ -84,17 +84,20 @@ class _CudaFactoriesOnCpu(types.ModuleType):
 
     def __init__(self):
         super().__init__("torch")
+        for name in self._FACTORIES:  # set once: the optimizer step calls them every step
+            setattr(self, name, self._on_cpu(getattr(torch, name)))
+
+    @staticmethod
+    def _on_cpu(factory):
+        @functools.wraps(factory)
+        def on_cpu(*args, device=None, **kwargs):
+            if device is not None and torch.device(device).type == "cuda":
+                device = "cpu"
+            return factory(*args, device=device, **kwargs)
+        return on_cpu
 
     def __getattr__(self, name):
-        value = getattr(torch, name)
-        if name in self._FACTORIES:
-            @functools.wraps(value)
-            def on_cpu(*args, device=None, **kwargs):
-                if device is not None and torch.device(device).type == "cuda":
-                    device = "cpu"
-                return value(*args, device=device, **kwargs)
-            return on_cpu
-        return value
+        return getattr(torch, name)
 
 
 _CPU_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor",

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron_grouter.errors import UserError
+from megatron_grouter.training.optimizer import torch_optimizers
 from megatron_grouter.training.safe_checkpoint_read import verify_checkpoint_safe
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -141,10 +142,7 @@ def _restore_adam_steps(optimizer, step: int) -> None:
     distributed optimizer, without TE/apex, restores it as a single value shared by all
     parameters (AdamW would then advance it once per parameter) or not at all. One update per
     training step, so every parameter's count is the training step: set it, one tensor each."""
-    inner = optimizer.chained_optimizers if hasattr(optimizer, "chained_optimizers") else [optimizer]
-    for chained in inner:
-        if chained.optimizer is None:
-            continue
+    for chained in torch_optimizers(optimizer):
         for state in chained.optimizer.state.values():
             if "step" in state:
                 state["step"] = torch.tensor(float(step), dtype=torch.float32)
@@ -177,10 +175,7 @@ def load_checkpoint(path: Path, model_chunks: list, optimizer) -> dict:
 
 
 def _allocate_optimizer_state(optimizer) -> None:
-    inner = optimizer.chained_optimizers if hasattr(optimizer, "chained_optimizers") else [optimizer]
-    for chained in inner:
-        if chained.optimizer is None:
-            continue
+    for chained in torch_optimizers(optimizer):
         for group in chained.optimizer.param_groups:
             for param in group["params"]:
                 state = chained.optimizer.state[param]

@@ -43,24 +43,22 @@ def _metric_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _by_global_layer(rows: list[torch.Tensor], moe_layers: list, pattern: list[int] | None,
+def _by_global_layer(rows: list[torch.Tensor], moe_layers: list, pattern: list[int],
                      width: int) -> torch.Tensor:
     """[all MoE layers of the model, width], this stage's rows in their places, zeros elsewhere."""
-    if pattern is None:
-        return torch.stack(rows)
+    from megatron_grouter.training.model import global_moe_index
+
     table = torch.zeros(sum(pattern), width, dtype=torch.float64, device=_metric_device())
     for layer, row in zip(moe_layers, rows):
-        table[sum(pattern[:layer.layer_number - 1])] = row.to(table.device, torch.float64)
+        table[global_moe_index(layer, pattern)] = row.to(table.device, torch.float64)
     return table
 
 
-def collect_layer_loads(moe_layers: list, pattern: list[int] | None = None,
-                        num_experts: int | None = None) -> torch.Tensor:
+def collect_layer_loads(moe_layers: list, pattern: list[int], num_experts: int) -> torch.Tensor:
     """[num_moe_layers, E] token counts of the step over the global batch; resets the meters.
     `pattern` (model.moe_layer_pattern) places each layer at its index in the whole model."""
     rows = [layer.router.load_meter.take() for layer in moe_layers]
-    width = num_experts if num_experts is not None else rows[0].numel()
-    return _global_sum(_by_global_layer(rows, moe_layers, pattern, width))
+    return _global_sum(_by_global_layer(rows, moe_layers, pattern, num_experts))
 
 
 def _tracker_names() -> list[str]:
@@ -104,7 +102,7 @@ def summarise_loads(loads_LE: torch.Tensor, num_tokens: int) -> dict[str, float]
     return summary
 
 
-def collect_routing_entropy(moe_layers: list, pattern: list[int] | None = None) -> dict[str, float]:
+def collect_routing_entropy(moe_layers: list, pattern: list[int]) -> dict[str, float]:
     """Mean per-token routing entropy of each layer whose router meters one, over DP ranks."""
     rows = [layer.router.load_meter.take_entropy().double() for layer in moe_layers]
     sums_L2 = _global_sum(_by_global_layer(rows, moe_layers, pattern, 2))

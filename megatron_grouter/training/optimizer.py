@@ -51,15 +51,19 @@ def apply_schedule(optimizer, lr: float, weight_decay: float) -> None:
         group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
 
 
+def torch_optimizers(optimizer) -> list:
+    """The megatron optimizers inside `optimizer` (dense and expert ones are chained when EP > 1)
+    that hold a torch optimizer on this rank."""
+    inner = optimizer.chained_optimizers if hasattr(optimizer, "chained_optimizers") else [optimizer]
+    return [chained for chained in inner if chained.optimizer is not None]
+
+
 def optimizer_state_bytes(optimizer) -> int:
     """Bytes this rank holds for the optimizer: Adam moments, and the fp32 main params when the
     model's are bf16 (with fp32 model params the main params are the model's own, or views)."""
-    inner = [optimizer] if not hasattr(optimizer, "chained_optimizers") else optimizer.chained_optimizers
     total = 0
-    for chained in inner:
+    for chained in torch_optimizers(optimizer):
         torch_optimizer = chained.optimizer
-        if torch_optimizer is None:
-            continue
         for group in torch_optimizer.param_groups:
             for param in group["params"]:
                 state = torch_optimizer.state.get(param, {})

@@ -115,8 +115,7 @@ class Trainer:
                                   config.model.num_layers, config.model.num_experts,
                                   expert_of_slot=None if slot_of_expert is None
                                   else torch.argsort(slot_of_expert).tolist())
-        self.model = chunks[0]
-        self.raw_chunks = chunks  # unwrapped: what checkpoints hold
+        self.raw_chunks = chunks  # unwrapped (no Float16Module / DDP): what checkpoints hold
         self.model_chunks = wrap_for_training(chunks, config)
         self.optimizer = build_optimizer(self.model_chunks, train, config.parallel)
         connect_schedule(self.model_chunks, self.optimizer, config.parallel)

@@ -47,16 +47,15 @@ def build(overrides):
 
 def test_bf16_keeps_fp32_main_params_and_updates_every_touched_row(stdlib_data, tmp_path):
     trainer = build(common(stdlib_data, tmp_path / "bf16", 3, "train.bf16=true"))
-    embedding = trainer.model.embedding.word_embeddings.weight
+    embedding = trainer.raw_chunks[0].embedding.word_embeddings.weight
     assert embedding.dtype == torch.bfloat16
     main_params = [param for group in trainer.optimizer.param_groups for param in group["params"]]
     assert main_params and all(param.dtype == torch.float32 for param in main_params)
     before = embedding.detach().clone()
     seen = torch.zeros(embedding.shape[0], dtype=torch.bool)
     for _ in range(3):
-        for batch_ids in [trainer.schedule.rank_sample_ids(trainer.step, trainer.dp_rank)]:
-            for index in batch_ids:
-                seen[torch.as_tensor(trainer.train_dataset[index]["tokens"]).long()] = True
+        for index in trainer.schedule.rank_sample_ids(trainer.step, trainer.dp_rank):
+            seen[torch.as_tensor(trainer.train_dataset[index]["tokens"]).long()] = True
         trainer.train_step()
         trainer.step += 1
     changed = (embedding.detach() != before).any(dim=1)
