@@ -34,3 +34,21 @@ def random_grouter(tokenizer_path: str, out_dir: Path, seed: int = 0, num_expert
     save_grouter(grouter, out_dir, provenance={"source_model": "random (test)"},
                  tokenizer_fingerprint=tokenizer.fingerprint())
     return out_dir
+
+
+def predispatched_corpus(stdlib_data: dict, root: Path, documents: int = 40) -> dict:
+    """A small corpus, a random Grouter over it and its routing cache (mg-predispatch)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "offline"))
+    from distill_runs import compose_tool
+
+    from megatron_grouter.offline.predispatch import predispatch
+
+    data = small_corpus(stdlib_data, root / "corpus", documents=documents)
+    grouter = random_grouter(data["tokenizer"], root / "grouter")
+    cache = root / "cache"
+    stats = predispatch(compose_tool("predispatch", [
+        f"grouter={grouter}", f"data.prefix={data['prefix']}", f"data.tokenizer={data['tokenizer']}",
+        f"cache={cache}", "chunk_windows=16"]))
+    return {"data": data, "grouter": grouter, "cache": cache, "stats": stats, "root": root}

@@ -2,34 +2,18 @@
 is looked up in the forward step of the micro-batch the stage is running, so PP=2 (forward of
 micro-batch i+1 before backward of i) trains the same model as PP=1."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "offline"))
-from grouter_fixtures import NUM_EXPERTS, TOPK, random_grouter, small_corpus
-from train_runs import read_metrics, torchrun, train_in_process
+from grouter_fixtures import predispatched_corpus
+from train_runs import MICRO_MODEL, read_metrics, torchrun, train_in_process
 
-MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
-         "model.ffn_hidden_size=128", f"model.num_experts={NUM_EXPERTS}", "model.moe_ffn_hidden_size=64",
-         f"model.topk={TOPK}", "train.seq_length=64",
-         # 4 micro-batches per step: 1F1B really interleaves forwards and backwards
-         "train.micro_batch_size=2", "train.global_batch_size=8"]
+# 4 micro-batches per step: 1F1B really interleaves forwards and backwards
+MODEL = [*MICRO_MODEL, "train.micro_batch_size=2"]
 
 
 @pytest.fixture(scope="module")
 def routed_data(stdlib_data, tmp_path_factory):
-    from distill_runs import compose_tool
-    from megatron_grouter.offline.predispatch import predispatch
-
-    root = tmp_path_factory.mktemp("pipeline_routing")
-    data = small_corpus(stdlib_data, root / "corpus", documents=40)
-    grouter = random_grouter(data["tokenizer"], root / "grouter")
-    cache = root / "cache"
-    predispatch(compose_tool("predispatch", [f"grouter={grouter}", f"data.prefix={data['prefix']}",
-                                             f"data.tokenizer={data['tokenizer']}", f"cache={cache}"]))
-    return {"data": data, "grouter": grouter, "cache": cache}
+    return predispatched_corpus(stdlib_data, tmp_path_factory.mktemp("pipeline_routing"))
 
 
 def overrides(setup, router, out_dir):

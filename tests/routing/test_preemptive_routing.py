@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from grouter_fixtures import NUM_EXPERTS, TOPK, random_grouter, small_corpus
+from grouter_fixtures import NUM_EXPERTS, TOPK, predispatched_corpus, random_grouter
 from megatron_grouter.data.routing_cache import open_cache
 from megatron_grouter.errors import UserError
 from megatron_grouter.grouter.checkpoint import grouter_fingerprint
-from megatron_grouter.offline.predispatch import predispatch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent / "offline"))
 from train_runs import REPO, read_metrics, train_in_process, train_losses, torchrun, val_losses
 
@@ -27,12 +26,7 @@ ROUTED_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attenti
 
 @pytest.fixture(scope="module")
 def setup(stdlib_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("preemptive")
-    data = small_corpus(stdlib_data, root / "corpus", documents=40)
-    grouter = random_grouter(data["tokenizer"], root / "grouter")
-    cache = root / "cache"
-    stats = predispatch(compose_predispatch(grouter, data, cache))
-    return {"data": data, "grouter": grouter, "cache": cache, "stats": stats, "root": root}
+    return predispatched_corpus(stdlib_data, tmp_path_factory.mktemp("preemptive"))
 
 
 def compose_predispatch(grouter, data, cache, extra=()):

@@ -94,6 +94,13 @@ def _assert_refused_in_one_line(result: subprocess.CompletedProcess, marker: Pat
     assert not marker.exists()
 
 
+def _resume_from(received, data, tmp_path):
+    """mg-train resuming from a received checkpoint, as a user would run it."""
+    return _run("megatron_grouter.train",
+                [*data_overrides(data), *MICRO_MODEL, "train.steps=4", f"train.resume={received}",
+                 f"train.out_dir={tmp_path / 'resumed'}"], cwd=tmp_path)
+
+
 def test_genuine_checkpoint_passes_and_reads_the_same_metadata(trained):
     _, checkpoint = trained
     safe = read_metadata_safely(checkpoint)
@@ -107,9 +114,7 @@ def test_payload_in_metadata_is_refused_by_resume(trained, tmp_path):
     _poison_metadata(received, marker)
     with pytest.raises(UserError, match="builtins.exec"):
         verify_checkpoint_safe(received)
-    result = _run("megatron_grouter.train",
-                  [*data_overrides(data), *MICRO_MODEL, "train.steps=4", f"train.resume={received}",
-                   f"train.out_dir={tmp_path / 'resumed'}"], cwd=tmp_path)
+    result = _resume_from(received, data, tmp_path)
     _assert_refused_in_one_line(result, marker, "builtins.exec")
 
 
@@ -129,9 +134,7 @@ def test_payload_in_a_bytes_item_of_the_shards_is_refused(trained, tmp_path):
     _poison_bytes_item(received, marker)
     with pytest.raises(UserError, match="_extra_state"):
         verify_checkpoint_safe(received)
-    result = _run("megatron_grouter.train",
-                  [*data_overrides(data), *MICRO_MODEL, "train.steps=4", f"train.resume={received}",
-                   f"train.out_dir={tmp_path / 'resumed'}"], cwd=tmp_path)
+    result = _resume_from(received, data, tmp_path)
     _assert_refused_in_one_line(result, marker, "_extra_state")
 
 
