@@ -5,7 +5,7 @@ held-out stop rule; the table gives, per objective, the tokens it used, why it s
 MaxVioGlobal before → after and top-k agreement with the untuned Grouter, and both as ratios to
 the baseline objective `weights` (the paper's: balance loss alone) measured in the same run.
 Which objective trains the better target model is for the target runs' validation loss to say
-(mg-reproduce tune.overrides=[kl_weight=...]); this only shows what each gives up for balance.
+(mg-reproduce '+tune.variants.kl=["kl_weight=1"]' with target router grouter_tuned_kl); this only shows what each gives up for balance.
 
     python benchmarks/tuning_objectives.py --grouter G --prefix data/stdlib/stdlib_text_document \
         --objectives weights weights+kl0.3 weights+kl1 bias --max-tokens 500000

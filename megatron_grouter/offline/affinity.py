@@ -55,11 +55,12 @@ def coactivation_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Ten
 
 
 def window_row_batches(num_windows: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                       max_windows: int | None = None) -> Iterator[np.ndarray]:
-    """This rank's rows of each global batch covering windows 0..n-1 once (round-robin)."""
-    total = num_windows if max_windows is None else min(num_windows, max_windows)
-    for first in range(0, total, batch_size):
-        rows = np.arange(first, min(first + batch_size, total))
+                       max_windows: int | None = None, first_window: int = 0) -> Iterator[np.ndarray]:
+    """This rank's rows of each global batch covering windows first..n-1 (at most max_windows of
+    them) once (round-robin)."""
+    end = num_windows if max_windows is None else min(num_windows, first_window + max_windows)
+    for first in range(first_window, end, batch_size):
+        rows = np.arange(first, min(first + batch_size, end))
         yield rows[rank::world_size]
 
 

@@ -218,7 +218,7 @@ def tune_settings(cfg: DictConfig):
     return TuneSettings(mode=cfg.mode, lr=cfg.lr, bias_rate=cfg.bias_rate, batch_size=cfg.batch_size,
                         max_tokens=cfg.max_tokens, target_max_vio=cfg.target_max_vio,
                         check_interval=cfg.check_interval, eval_tokens=cfg.eval_tokens, seed=cfg.seed,
-                        kl_weight=cfg.kl_weight, stop_tokens=cfg.stop_tokens)
+                        kl_weight=cfg.kl_weight, stop_tokens=cfg.stop_tokens, patience=cfg.patience)
 
 
 def run_tune(cfg: DictConfig) -> dict:

@@ -13,9 +13,14 @@ A distilled Grouter inherits its source's load profile, which is imbalanced on n
   `expert_bias` is nudged each step by rate·σ·sign(mean load − load_i), σ = std of the logits on
   the first batch (so the rate is scale-free). It changes which experts are selected, not the gates.
 
-Stopping: every `check_interval` steps, MaxVioGlobal of the *held-out* windows (the first
-`stop_tokens` of them; their final hidden states are computed once, the encoder being frozen),
-not of the training batches: a batch-level target is reached long before held-out balance is.
+Stopping: every `check_interval` steps, MaxVioGlobal of *held-out* windows (`stop_tokens` of
+them, after the report's windows when the split has enough; their final hidden states are computed
+once, the encoder being frozen), not of the training batches: a batch-level target is reached long
+before held-out balance is. Tuning stops at `target_max_vio`, after `patience` checks without a
+new best, or at the token budget, and keeps the state of the best check (the untuned Grouter's
+own, step 0, included): the balance loss alone can churn the routing without balancing held-out
+data (measured on the standard preset: 245 steps took held-out MaxVio 0.825 → 0.881 and top-k
+agreement to 0.185), and then tuning returns the Grouter it started from rather than a worse one.
 The report gives MaxVioGlobal and top-k agreement with the untuned Grouter, before and after, on
 the first `eval_tokens` held-out tokens. Tuning keeps the Grouter's causality (only the score
 layer / bias change). Data-parallel: gradients and loads are summed with all_reduce.
@@ -51,6 +56,7 @@ class TuneSettings:
     seed: int = 1234
     kl_weight: float = 0.0            # weights mode: weight of KL(distilled ‖ tuned) next to the balance loss
     stop_tokens: int = 100_000        # held-out tokens whose MaxVioGlobal decides the stop
+    patience: int = 10                # stop after this many checks without a new best (0: never)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -59,6 +65,8 @@ class TuneSettings:
                      "stop_tokens"):
             if not getattr(self, name) > 0:
                 raise UserError(f"tuning {name}={getattr(self, name)!r} must be positive")
+        if self.patience < 0:
+            raise UserError(f"tuning patience={self.patience} must be >= 0 (0: run to the token budget)")
         if self.target_max_vio < 0:
             raise UserError(f"tuning target_max_vio={self.target_max_vio} must be >= 0")
         if not self.kl_weight >= 0:
@@ -82,7 +90,8 @@ class TuneResult:
     stopped_by: str
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
-    stop_max_vio: float | None = None  # held-out MaxVioGlobal at the last stop check
+    stop_max_vio: float | None = None  # held-out MaxVioGlobal of the kept state
+    kept_step: int = 0                 # the step whose state was kept (0: the untuned Grouter)
 
 
 def selection_counts(selection_TE: torch.Tensor, topk: int,
@@ -149,17 +158,26 @@ def evaluate_balance(grouter, reference, batches, batch_size: int, max_tokens: i
             "tokens": int(sums[1]), "load": load_E.long().tolist()}
 
 
+def stop_windows(num_windows: int, window: int, eval_tokens: int, stop_tokens: int) -> tuple[int, int]:
+    """(first window, count) of the stop check's held-out windows: after the report's windows when
+    the split has room for both, else its last windows (then they overlap the report's)."""
+    report = -(-int(eval_tokens) // window)
+    count = min(num_windows, max(1, -(-int(stop_tokens) // window)))
+    first = report if report + count <= num_windows else num_windows - count
+    return first, count
+
+
 @torch.no_grad()
 def held_out_hidden(grouter, batches, batch_size: int, max_tokens: int,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
+                    device: torch.device | str = "cpu", first_window: int = 0) -> torch.Tensor:
     """Final hidden states [T, H] (fp32, on `device`: the stop check reuses them) of this rank's
-    share of the first held-out windows."""
+    share of `max_tokens` of held-out windows from `first_window` on."""
     from megatron_grouter.offline.affinity import window_row_batches
 
     rank, world_size = _world()
     max_windows = max(1, -(-int(max_tokens) // batches.windows.window))
     hidden = [torch.zeros(0, grouter.config.hidden_size, device=device)]
-    for rows in window_row_batches(len(batches), batch_size, rank, world_size, max_windows):
+    for rows in window_row_batches(len(batches), batch_size, rank, world_size, max_windows, first_window):
         if len(rows) == 0:
             continue
         tokens_BW, mask_BW = batches.gather(rows)
@@ -198,11 +216,15 @@ def tune_grouter(grouter, train_batches, eval_batches, settings: TuneSettings,
     tuned = copy.deepcopy(grouter).to(device).eval()  # eval: no dropout; the encoder is frozen anyway
     topk, num_experts = tuned.config.topk, tuned.config.num_experts
     before = evaluate_balance(reference, reference, eval_batches, settings.batch_size, settings.eval_tokens, device)
-    stop_hidden_TH = held_out_hidden(tuned, eval_batches, settings.batch_size, settings.stop_tokens, device)
+    first, count = stop_windows(len(eval_batches), eval_batches.windows.window, settings.eval_tokens,
+                                settings.stop_tokens)
+    stop_hidden_TH = held_out_hidden(tuned, eval_batches, settings.batch_size, count * eval_batches.windows.window,
+                                     device, first_window=first)
     trainable = _freeze_all_but_score(tuned)
     optimizer = torch.optim.Adam(trainable, lr=settings.lr) if settings.mode == "weights" else None
     bias_step = None
-    step, tokens, stopped_by, stop_vio = 0, 0, "token budget", None
+    step, tokens, stopped_by = 0, 0, "token budget"
+    best_vio, best_step, best_state, checks_since_best = held_out_max_vio(tuned, stop_hidden_TH), 0, None, 0
     bar = tqdm(total=settings.max_tokens, desc=f"tune ({settings.mode})", unit="tok", unit_scale=True,
                disable=not progress or rank != 0, mininterval=2.0)
     started = time.perf_counter()
@@ -237,19 +259,45 @@ def tune_grouter(grouter, train_batches, eval_batches, settings: TuneSettings,
         bar.update(batch_tokens)
         if step % settings.check_interval == 0:
             stop_vio = held_out_max_vio(tuned, stop_hidden_TH)
-            bar.set_postfix(held_out_max_vio=f"{stop_vio:.3f}",
+            bar.set_postfix(held_out_max_vio=f"{stop_vio:.3f}", best=f"{best_vio:.3f}",
                             tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
+            if stop_vio < best_vio:
+                best_vio, best_step, checks_since_best = stop_vio, step, 0
+                best_state = _tunable_state(tuned)
+            else:
+                checks_since_best += 1
             if stop_vio <= settings.target_max_vio:
                 stopped_by = f"target held-out MaxVioGlobal {settings.target_max_vio}"
                 break
+            if settings.patience and checks_since_best >= settings.patience:
+                stopped_by = f"no better held-out MaxVioGlobal in {settings.patience} checks"
+                break
     bar.close()
     elapsed = max(time.perf_counter() - started, 1e-9)
+    _restore_tunable_state(tuned, best_state, reference)
     for parameter in tuned.parameters():
         parameter.requires_grad_(True)
     tuned.eval()
     after = evaluate_balance(tuned, reference, eval_batches, settings.batch_size, settings.eval_tokens, device)
     return TuneResult(grouter=tuned, steps=step, tokens=tokens, tokens_per_s=tokens / elapsed,
-                      stopped_by=stopped_by, before=before, after=after, stop_max_vio=stop_vio)
+                      stopped_by=f"{stopped_by}; kept step {best_step}", before=before, after=after,
+                      stop_max_vio=best_vio, kept_step=best_step)
+
+
+def _tunable_state(grouter) -> dict[str, torch.Tensor]:
+    """Copies of what tuning changes: the score layer and the selection bias."""
+    state = {f"score.{name}": value.detach().clone() for name, value in grouter.score.state_dict().items()}
+    state["expert_bias"] = grouter.expert_bias.detach().clone()
+    return state
+
+
+@torch.no_grad()
+def _restore_tunable_state(tuned, state: dict[str, torch.Tensor] | None, untuned) -> None:
+    """Put back the best check's state (None: the untuned Grouter's, step 0)."""
+    state = state if state is not None else _tunable_state(untuned)
+    tuned.score.load_state_dict({name[len("score."):]: value for name, value in state.items()
+                                 if name.startswith("score.")})
+    tuned.expert_bias.copy_(state["expert_bias"])
 
 
 def tuning_record(result: TuneResult, settings: TuneSettings) -> dict:
@@ -259,6 +307,7 @@ def tuning_record(result: TuneResult, settings: TuneSettings) -> dict:
             "kl_weight": settings.kl_weight, "tokens": result.tokens, "steps": result.steps,
             "stopped_by": result.stopped_by, "target_max_vio": settings.target_max_vio,
             "stop_tokens": settings.stop_tokens, "stop_max_vio": result.stop_max_vio,
+            "patience": settings.patience, "kept_step": result.kept_step,
             "lr": settings.lr, "bias_rate": settings.bias_rate,
             "before": strip(result.before), "after": strip(result.after)}
 

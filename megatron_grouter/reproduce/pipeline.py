@@ -7,7 +7,9 @@ budget) → stability probe → report. Progress lines name the stage and the ru
 The Grouter is distilled causal (grouter.causal=true): every Grouter row routes token t from
 tokens <= t. When target.routers holds grouter_tuned_bidirectional, a second chain
 (distill-bidirectional → fold → tune → predispatch) builds the paper's bidirectional encoder for
-that one labelled row.
+that one labelled row. Each grouter_tuned_<variant> in target.routers gets its own tune →
+predispatch chain from the causal raw Grouter with the mg-tune overrides `tune.variants.<variant>`
+(another tuning objective, compared by the target runs' validation loss).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.reproduce.jobs import check_launcher, run_job
-from megatron_grouter.reproduce.routers import BIDIRECTIONAL, GROUTER_RUNS, is_learned, router_overrides
+from megatron_grouter.reproduce.routers import (BIDIRECTIONAL, GROUTER_RUNS, is_learned, router_overrides,
+                                                tuned_variant)
 from megatron_grouter.reproduce.stages import Stage
 
 
@@ -54,6 +58,12 @@ class Results:
 class Pipeline:
     def __init__(self, cfg: DictConfig):
         check_launcher(cfg.launcher)
+        self.parallel_runs = int(cfg.get("parallel_runs", 1))
+        if self.parallel_runs < 1:
+            raise UserError(f"parallel_runs={self.parallel_runs} must be >= 1 (target runs trained at once)")
+        if self.parallel_runs > 1 and cfg.launcher != "subprocess":
+            raise UserError(f"parallel_runs={self.parallel_runs} needs launcher=subprocess (in_process jobs share "
+                            "one interpreter, torchrun jobs take the whole node); set parallel_runs=1")
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
         self.results = Results(self.out_dir)
@@ -101,7 +111,8 @@ class Pipeline:
         raw_stage, raw_grouter, cache_stage, tuned_grouter, cache = self.grouter_chain(
             source, prefix, tokenizer, causal=True)
         self.plan_stage(cache_stage, cache, prefix)
-        grouters = {"raw": (raw_stage, raw_grouter), "tuned": (cache_stage, tuned_grouter), "cache": cache}
+        grouters = {"raw": (raw_stage, raw_grouter), "tuned": (cache_stage, tuned_grouter), "cache": cache,
+                    "variants": self.tuned_variants(raw_stage, raw_grouter, prefix, tokenizer)}
         if BIDIRECTIONAL in self._list("target.routers"):
             _, _, bidirectional_stage, bidirectional_grouter, bidirectional_cache = self.grouter_chain(
                 source, prefix, tokenizer, causal=False)
@@ -148,6 +159,25 @@ class Pipeline:
         tune, tuned_grouter = self.tune_stage(raw_stage, raw_grouter, prefix, suffix)
         cache_stage, cache = self.predispatch_stage(tune, tuned_grouter, prefix, tokenizer, suffix)
         return raw_stage, raw_grouter, cache_stage, tuned_grouter, cache
+
+    def tuned_variants(self, raw_stage: Stage, raw_grouter: Path, prefix: str,
+                       tokenizer: str) -> dict[str, tuple[Stage, Path, Path]]:
+        """router → (cache stage, tuned Grouter, cache) of every grouter_tuned_<variant> in
+        target.routers, each tuned from the causal raw Grouter with tune.variants.<variant>."""
+        variants = {}
+        declared = OmegaConf.select(self.cfg, "tune.variants") or {}
+        for router in self._list("target.routers"):
+            name = tuned_variant(router)
+            if name is None:
+                continue
+            if name not in declared:
+                raise UserError(f"target router {router} needs tune.variants.{name} (the mg-tune overrides "
+                                f"of that objective): add '+tune.variants.{name}=[\"kl_weight=1\"]' or put it in the preset")
+            tune, grouter = self.tune_stage(raw_stage, raw_grouter, prefix, f"-{name}",
+                                            [str(item) for item in declared[name]])
+            cache_stage, cache = self.predispatch_stage(tune, grouter, prefix, tokenizer, f"-{name}")
+            variants[router] = (cache_stage, grouter, cache)
+        return variants
 
     def distill_stage(self, source: Stage | None, prefix: str, tokenizer: str, causal: bool = True,
                       suffix: str = "") -> tuple[Stage, dict]:
@@ -203,8 +233,9 @@ class Pipeline:
                                      f"stage fold{suffix}: {source_experts} → {target_experts} experts")
         return stage, Path(summary["grouter"])
 
-    def tune_stage(self, upstream: Stage, grouter: Path, prefix: str, suffix: str = "") -> tuple[Stage, Path]:
-        args = [f"grouter={grouter}", f"data.prefix={prefix}", *self._list("tune.overrides")]
+    def tune_stage(self, upstream: Stage, grouter: Path, prefix: str, suffix: str = "",
+                   extra: list[str] | None = None) -> tuple[Stage, Path]:
+        args = [f"grouter={grouter}", f"data.prefix={prefix}", *self._list("tune.overrides"), *(extra or [])]
 
         def work(stage: Stage) -> dict:
             self._job("tune", [*args, f"out={stage.directory / 'grouter'}"], stage, "tune" + suffix)
@@ -280,29 +311,51 @@ class Pipeline:
         if not routers or not seeds:
             raise UserError("target.routers and seeds must both be non-empty lists")
         first_only = set(self._list("first_seed_only"))
-        for number, router in enumerate(routers, 1):
-            self.target_run(router, seeds[0], f"seed {seeds[0]}, run {number}/{len(routers)}",
-                            data_stage, train_data, grouters)
+        self.run_targets([(router, seeds[0], f"seed {seeds[0]}, run {number}/{len(routers)}")
+                          for number, router in enumerate(routers, 1)], data_stage, train_data, grouters)
         baselines = {run.router: read_run(run.directory) for run in self.results.runs
                      if is_baseline(run.router)}
         best = best_run(baselines) if baselines else None
         later = [router for router in routers if router not in first_only or router == best]
-        for seed in seeds[1:]:
-            for number, router in enumerate(later, 1):
-                self.target_run(router, seed, f"seed {seed}, run {number}/{len(later)}",
-                                data_stage, train_data, grouters)
+        self.run_targets([(router, seed, f"seed {seed}, run {number}/{len(later)}")
+                          for seed in seeds[1:] for number, router in enumerate(later, 1)],
+                         data_stage, train_data, grouters)
+
+    def run_targets(self, specs: list[tuple[str, int, str]], data_stage: Stage, train_data: list[str],
+                    grouters: dict) -> None:
+        """Train (router, seed, position) runs, `parallel_runs` at a time (each its own process with
+        `threads` threads); results keep the order of `specs`. A failure is raised once the runs
+        already started have finished (their stages stay complete for the rerun)."""
+        def one(spec):
+            router, seed, position = spec
+            return self.target_run(router, seed, position, data_stage, train_data, grouters)
+        if self.parallel_runs == 1 or len(specs) < 2:
+            self.results.runs.extend(one(spec) for spec in specs)
+            return
+        with ThreadPoolExecutor(max_workers=self.parallel_runs, thread_name_prefix="target-run") as pool:
+            futures = [pool.submit(one, spec) for spec in specs]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [future for future in done if future.exception() is not None]
+            if failed:
+                for future in futures:
+                    future.cancel()
+                raise failed[0].exception()
+        self.results.runs.extend(future.result() for future in futures)
 
     def target_run(self, router: str, seed: int, position: str, data_stage: Stage,
-                   train_data: list[str], grouters: dict) -> None:
+                   train_data: list[str], grouters: dict) -> TargetRun:
         upstream = [data_stage]
         if router == BIDIRECTIONAL:
             upstream = [grouters["bidirectional"][0]]
+        elif router in grouters["variants"]:
+            upstream = [grouters["variants"][router][0]]
         elif router in GROUTER_RUNS:
             upstream = [grouters["raw"][0] if router == "grouter_raw" else grouters["tuned"][0]]
         bidirectional = grouters["bidirectional"][1:] if "bidirectional" in grouters else None
+        variants = {name: (grouter, cache) for name, (_, grouter, cache) in grouters["variants"].items()}
         args = [*train_data, *self._list("target.overrides"),
                 *router_overrides(router, grouters["raw"][1], grouters["tuned"][1], grouters["cache"],
-                                  bidirectional),
+                                  bidirectional, variants),
                 f"train.seed={seed}"]
         interval = int(self.cfg.target.checkpoint_interval)
         if interval > 0 and seed == int(self.cfg.seeds[0]) and is_learned(router):
@@ -315,7 +368,7 @@ class Pipeline:
         stage, _ = self._stage(f"target-{router}-s{seed}", {"args": args}, upstream, work,
                                f"stage target run ({position}): {router}")
         run.key = stage.key
-        self.results.runs.append(run)
+        return run
 
     def stability_stage(self, prefix: str) -> None:
         seed = int(self.cfg.seeds[0])

@@ -19,13 +19,13 @@ import numpy as np
 
 from megatron_grouter.reproduce import metrics as m
 from megatron_grouter.reproduce import plots
-from megatron_grouter.reproduce.routers import GROUTER_RUNS, is_baseline
+from megatron_grouter.reproduce.routers import BIDIRECTIONAL, TUNED_VARIANT_PREFIX, is_baseline, is_grouter
 from megatron_grouter.reproduce.stages import write_json_atomic
 
 CV_WINDOWS = (50, 500)
 HEADLINE = "grouter_tuned"
 FUTURE_LABEL = " (sees future tokens)"
-TARGET_RATIO = 1.5
+TARGET_RATIO = 1.3  # the causal re-measure's bar (issue 14): data efficiency on every seed
 
 
 def _fmt(value, pattern: str = "{:.3f}", missing: str = "n/a") -> str:
@@ -38,7 +38,7 @@ def compare_seed(runs: dict[str, m.RunMetrics]) -> dict:
     best = m.best_run(baselines)
     comparisons = {}
     for name, run in runs.items():
-        if name in GROUTER_RUNS:
+        if is_grouter(name):
             comparisons[name] = {"efficiency": m.data_efficiency(baselines[best], run),
                                  "gap": m.loss_gap(baselines[best], run)}
     return {"best_baseline": best, "baselines": sorted(baselines), "comparisons": comparisons}
@@ -113,6 +113,40 @@ def write_report(out_dir: Path, runs: dict[tuple[str, int], Path], summaries: di
     return out_dir / "report.md"
 
 
+def tuned_router(stage: str) -> str:
+    """The target router trained with the Grouter of a tune stage (tune, tune-<variant>, ...)."""
+    if stage == "tune":
+        return "grouter_tuned"
+    if stage == "tune-bidirectional":
+        return BIDIRECTIONAL
+    return TUNED_VARIANT_PREFIX + stage[len("tune-"):]
+
+
+def tuning_section(summaries: dict, rows: dict) -> list[str]:
+    """Each tuning objective: held-out MaxVioGlobal and top-k agreement with the distilled Grouter,
+    and the final validation loss of the target run it routed (the objective's real test)."""
+    stages = [name for name in summaries if name == "tune" or name.startswith("tune-")]
+    if not stages:
+        return []
+    lines = ["## Tuning objectives", "",
+             "| Grouter run | objective | stopped by | tokens | held-out MaxVioGlobal before → after | "
+             "top-k agreement with the distilled Grouter | final val loss per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for stage in stages:
+        summary, router = summaries[stage], tuned_router(stage)
+        before, after = summary.get("before") or {}, summary.get("after") or {}
+        losses = ", ".join(f"s{name.rsplit('-s', 1)[1]}: {row['final_val_loss']:.4f}"
+                           for name, row in rows.items() if name.rsplit("-s", 1)[0] == router) or "not trained"
+        shown = label(router, next((row for name, row in rows.items() if name.rsplit("-s", 1)[0] == router), {}))
+        lines.append(f"| {shown} | {summary.get('objective', 'n/a')} | {summary.get('stopped_by', 'n/a')} | "
+                     f"{_fmt(summary.get('tokens'), '{:,.0f}')} | {_fmt(before.get('max_vio_global'))} → "
+                     f"{_fmt(after.get('max_vio_global'))} | {_fmt(after.get('topk_agreement'))} | {losses} |")
+    lines += ["", "Held-out windows (not seen by tuning). Agreement: share of the tuned Grouter's top-k experts "
+              "that the distilled (untuned) Grouter also picks. The default objective is the one whose target "
+              "run reaches the lowest validation loss.", ""]
+    return lines
+
+
 def render(preset: dict, top: dict, per_seed: dict, rows: dict, summaries: dict, stability: dict,
            figures: dict) -> str:
     lines = [f"# Grouter reproduction — preset `{preset.get('name')}`", ""]
@@ -174,6 +208,7 @@ def render(preset: dict, top: dict, per_seed: dict, rows: dict, summaries: dict,
                   "depended on tokens after t, so their validation losses are not comparable with causal "
                   "routers' and the model cannot generate. Every other Grouter row is causal.", ""]
 
+    lines += tuning_section(summaries, rows)
     if stability:
         lines += ["## Routing stability of learned routers (first seed)", "",
                   "| run | transitions | mean unchanged share | per layer (mean over checkpoints) |", "|---|---|---|---|"]

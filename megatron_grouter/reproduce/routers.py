@@ -9,6 +9,10 @@ probmoe_exact_k, ...). The Grouter runs use the pipeline's Grouters, causal unle
                   the paper's bidirectional encoder (own distill → tune → predispatch chain with
                   grouter.causal=false), fixed, cached, trained with allow_future_context=true:
                   a paper-fidelity row that sees future tokens, never the headline
+  grouter_tuned_<variant>
+                  the raw Grouter tuned with another objective, `tune.variants.<variant>` (mg-tune
+                  overrides, e.g. [kl_weight=1] or [mode=bias]): own tune → predispatch chain, fixed,
+                  cached; the report compares the objectives by the target runs' validation loss
 """
 
 from __future__ import annotations
@@ -19,12 +23,24 @@ from megatron_grouter.errors import UserError
 
 BIDIRECTIONAL = "grouter_tuned_bidirectional"
 GROUTER_RUNS = ("grouter_raw", "grouter_tuned", "grouter_hybrid", BIDIRECTIONAL)
+TUNED_VARIANT_PREFIX = "grouter_tuned_"
 # Routers with fixed expert choices: nothing to measure for routing stability.
 FIXED_BASELINES = ("hash",)
 
 
+def tuned_variant(router: str) -> str | None:
+    """The tune.variants name of a grouter_tuned_<variant> router, else None."""
+    if router == BIDIRECTIONAL or not router.startswith(TUNED_VARIANT_PREFIX):
+        return None
+    return router[len(TUNED_VARIANT_PREFIX):]
+
+
+def is_grouter(router: str) -> bool:
+    return router in GROUTER_RUNS or tuned_variant(router) is not None
+
+
 def is_baseline(router: str) -> bool:
-    return router not in GROUTER_RUNS
+    return not is_grouter(router)
 
 
 def is_learned(router: str) -> bool:
@@ -32,9 +48,11 @@ def is_learned(router: str) -> bool:
 
 
 def router_overrides(router: str, raw: Path, tuned: Path, cache: Path,
-                     bidirectional: tuple[Path, Path] | None = None) -> list[str]:
+                     bidirectional: tuple[Path, Path] | None = None,
+                     variants: dict[str, tuple[Path, Path]] | None = None) -> list[str]:
     """mg-train overrides that select `router` for a target run (`bidirectional`: the tuned
-    bidirectional Grouter and its cache, for grouter_tuned_bidirectional)."""
+    bidirectional Grouter and its cache, for grouter_tuned_bidirectional; `variants`: router name →
+    (Grouter, cache) of each grouter_tuned_<variant>)."""
     if router == "grouter_raw":
         return ["router=grouter_fixed", "router.name=grouter_raw", f"router.grouter.path={raw}",
                 "router.grouter.source=online"]
@@ -49,6 +67,14 @@ def router_overrides(router: str, raw: Path, tuned: Path, cache: Path,
         return ["router=grouter_fixed", f"router.name={BIDIRECTIONAL}", f"router.grouter.path={grouter}",
                 "router.grouter.source=cached", f"router.grouter.cache={grouter_cache}",
                 "router.grouter.allow_future_context=true"]
+    if tuned_variant(router) is not None:
+        if not variants or router not in variants:
+            raise UserError(f"target router {router} needs tune.variants.{tuned_variant(router)} (the mg-tune "
+                            f"overrides of that objective): add '+tune.variants.{tuned_variant(router)}=[\"kl_weight=1\"]' "
+                            "or put it in the preset")
+        grouter, grouter_cache = variants[router]
+        return ["router=grouter_fixed", f"router.name={router}", f"router.grouter.path={grouter}",
+                "router.grouter.source=cached", f"router.grouter.cache={grouter_cache}"]
     if router == "grouter_hybrid":
         return ["router=grouter_hybrid", f"router.grouter.path={tuned}", "router.grouter.source=cached",
                 f"router.grouter.cache={cache}"]

@@ -59,7 +59,8 @@ def test_tuning_cuts_max_violation_and_keeps_most_routing(mode, kl_weight, corpu
     assert step["step"] == "tune" and step["mode"] == mode and step["after"]["max_vio_global"] == after["max_vio_global"]
     assert step["kl_weight"] == kl_weight and step["objective"] == summary["objective"]
     # The stop looks at held-out windows, not at the training batches.
-    assert summary["stopped_by"] == "target held-out MaxVioGlobal 0.1" and summary["stop_max_vio"] <= 0.1
+    assert summary["stopped_by"].startswith("target held-out MaxVioGlobal 0.1; kept step ")
+    assert summary["stop_max_vio"] <= 0.1 and step["kept_step"] == step["steps"]
     assert tuned.config.causal == source.config.causal  # tuning keeps the causality
     for name, tensor in source.state_dict().items():
         changed = not torch.equal(tensor, tuned.state_dict()[name])
@@ -75,6 +76,31 @@ def test_kl_to_the_distilled_routing_keeps_more_of_it_at_the_same_balance(corpus
     print(f"top-k agreement at held-out MaxVioGlobal <= 0.1: balance loss alone {alone['after']['topk_agreement']:.3f}, "
           f"+ 0.01·KL {anchored['after']['topk_agreement']:.3f}")
     assert anchored["after"]["topk_agreement"] > alone["after"]["topk_agreement"]
+
+
+def test_tuning_keeps_its_best_held_out_state_never_a_worse_one(corpus, tmp_path):
+    """A near-balanced Grouter tuned with a step size that churns the routing: tuning stops after
+    `patience` checks without a better held-out MaxVio and keeps the best state it saw — the
+    untuned Grouter itself when no check beat it."""
+    from megatron_grouter.offline.convert_cli import window_batches
+    from megatron_grouter.offline.tuning import held_out_hidden, held_out_max_vio, stop_windows
+
+    balanced = random_grouter(corpus["tokenizer"], tmp_path / "random", seed=3)
+    summary = tune(corpus, balanced, tmp_path / "tuned", "lr=3", "check_interval=1", "patience=3",
+                   "target_max_vio=0", "stop_tokens=20000")
+    step = load_grouter(summary["grouter"])[1].provenance["history"][-1]
+    assert "no better held-out MaxVioGlobal in 3 checks" in summary["stopped_by"]
+    assert step["steps"] == step["kept_step"] + 3 and step["patience"] == 3
+    untuned, _ = load_grouter(balanced)
+    tuned, _ = load_grouter(summary["grouter"])
+    held_out = window_batches(untuned, corpus["prefix"], 1, 1234, "eval", 0, 1)
+    first, count = stop_windows(len(held_out), held_out.windows.window, 100000, 20000)
+    hidden_TH = held_out_hidden(untuned, held_out, 16, count * held_out.windows.window, first_window=first)
+    start = held_out_max_vio(untuned, hidden_TH)
+    kept = held_out_max_vio(tuned, hidden_TH)
+    assert kept == pytest.approx(step["stop_max_vio"]) and kept <= start
+    if step["kept_step"] == 0:
+        assert torch.equal(tuned.score.weight, untuned.score.weight)
 
 
 def test_load_balancing_loss_is_one_when_balanced_and_pushes_heavy_experts_down():

@@ -45,3 +45,24 @@ def test_stage_keys_follow_settings_and_inputs(tmp_path):
 def test_bidirectional_row_needs_its_chain():
     with pytest.raises(UserError, match="grouter_tuned_bidirectional needs the bidirectional Grouter chain"):
         router_overrides("grouter_tuned_bidirectional", Path("raw"), Path("tuned"), Path("cache"))
+
+
+def test_tuning_variant_row_needs_its_objective():
+    with pytest.raises(UserError, match=r"grouter_tuned_kl needs tune.variants.kl .*\+tune.variants.kl=\[\"kl_weight=1\"\]"):
+        router_overrides("grouter_tuned_kl", Path("raw"), Path("tuned"), Path("cache"))
+    chosen = router_overrides("grouter_tuned_kl", Path("raw"), Path("tuned"), Path("cache"),
+                              variants={"grouter_tuned_kl": (Path("kl-grouter"), Path("kl-cache"))})
+    assert "router.grouter.path=kl-grouter" in chosen and "router.grouter.cache=kl-cache" in chosen
+    assert "router.name=grouter_tuned_kl" in chosen and "router.grouter.source=cached" in chosen
+
+
+def test_parallel_runs_need_the_subprocess_launcher(tmp_path):
+    from reproduce_runs import compose_reproduce
+
+    from megatron_grouter.reproduce.pipeline import Pipeline
+
+    with pytest.raises(UserError, match="parallel_runs=2 needs launcher=subprocess"):
+        Pipeline(compose_reproduce(["experiment=quick", f"out_dir={tmp_path}", "launcher=in_process",
+                                    "parallel_runs=2"]))
+    with pytest.raises(UserError, match="parallel_runs=0 must be >= 1"):
+        Pipeline(compose_reproduce(["experiment=quick", f"out_dir={tmp_path}", "parallel_runs=0"]))

@@ -69,8 +69,9 @@ def test_rerun_skips_finished_stages_and_reruns_changed_ones(micro_experiment, m
 @pytest.fixture(scope="module")
 def with_bidirectional_row(micro_corpus, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("reproduce") / "micro-bidirectional"
-    routers = ["aux_loss", "grouter_tuned", "grouter_tuned_bidirectional"]
-    return out_dir, reproduce_in_process(micro_overrides(out_dir, micro_corpus, routers, [1]))
+    routers = ["aux_loss", "grouter_tuned", "grouter_tuned_bias", "grouter_tuned_bidirectional"]
+    return out_dir, reproduce_in_process(micro_overrides(out_dir, micro_corpus, routers, [1],
+                                                         extra=['+tune.variants.bias=["mode=bias"]']))
 
 
 def test_grouter_rows_are_causal_and_the_bidirectional_row_is_labelled(with_bidirectional_row):
@@ -89,3 +90,44 @@ def test_grouter_rows_are_causal_and_the_bidirectional_row_is_labelled(with_bidi
     assert "| grouter_tuned-s1 |" in text and "grouter_tuned-s1 (sees" not in text
     assert "Data efficiency of `grouter_tuned` against" in text
     assert "| 1 | aux_loss" in text and "grouter_tuned_bidirectional (sees future tokens)" in text
+
+
+def test_a_tuning_objective_variant_routes_its_own_target_run(with_bidirectional_row):
+    from megatron_grouter.grouter.checkpoint import load_grouter, read_grouter_header
+
+    out_dir, report = with_bidirectional_row
+    summary = json.loads((out_dir / "summary.json").read_text())
+    stages = summary["stages"]
+    assert stages["tune"]["objective"] == "weights" and stages["tune-bias"]["objective"] == "bias"
+    variant = stages["tune-bias"]["grouter"]
+    assert variant != stages["tune"]["grouter"] and load_grouter(variant)[0].config.causal
+    assert read_grouter_header(variant)["provenance"]["history"][-1]["mode"] == "bias"
+    # Its run reads its own routing cache (other routing, other loss) and is compared with the best baseline.
+    assert stages["predispatch-bias"]["cache"] != stages["predispatch"]["cache"]
+    assert summary["runs"]["grouter_tuned_bias-s1"]["final_val_loss"] != summary["runs"]["grouter_tuned-s1"]["final_val_loss"]
+    assert "grouter_tuned_bias" in summary["per_seed"]["1"]["comparisons"]
+    assert summary["per_seed"]["1"]["best_baseline"] == "aux_loss"
+    text = report.read_text()
+    assert "## Tuning objectives" in text
+    loss = summary["runs"]["grouter_tuned_bias-s1"]["final_val_loss"]
+    assert f"| grouter_tuned_bias | bias |" in text and f"s1: {loss:.4f}" in text
+    assert "| grouter_tuned_bidirectional (sees future tokens) | weights |" in text
+
+
+def test_parallel_runs_train_target_runs_at_the_same_time(micro_experiment, micro_corpus):
+    """Upstream stages cached (same keys whatever the launcher); a new target budget reruns the
+    four target runs, two at a time, each its own mg-train process."""
+    out_dir, _ = micro_experiment
+    overrides = micro_overrides(out_dir, micro_corpus, ROUTERS, [1, 2], target_steps=5)
+    overrides = [item for item in overrides if not item.startswith("launcher=")]
+    reproduce_in_process([*overrides, "launcher=subprocess", "parallel_runs=2"])
+    spans = {}
+    for seed in (1, 2):
+        for router in ROUTERS:
+            stage = out_dir / "stages" / f"target-{router}-s{seed}"
+            spans[(router, seed)] = ((stage / "key").stat().st_mtime, (stage / "done.json").stat().st_mtime)
+    first, second = spans[("aux_loss", 1)], spans[("grouter_tuned", 1)]
+    assert first[0] < second[1] and second[0] < first[1], spans  # the first seed's two runs overlapped
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert {name: row["steps"] for name, row in summary["runs"].items()} == {
+        f"{router}-s{seed}": 5 for router in ROUTERS for seed in (1, 2)}
