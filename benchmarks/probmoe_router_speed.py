@@ -4,12 +4,14 @@ Two comparisons, each measured in the same process on the same inputs, median of
 1. Routers: our `ProbMoERouter` (exact-k; dynamic-k with --dynamic) against megatron-core's own
    `TopKRouter` (softmax top-k, no aux loss), both with the same gating weight, on hidden states
    [T, 1, H]: router forward, then backward of a fixed random projection of the probs.
-2. Routing math alone: marginals + exact sample (one DP table) + straight-through gates against
-   torch.topk + softmax over the chosen logits.
+2. Routing math alone: the router's product tree (`probmoe_tree.route`: sample + marginals +
+   entropy in one pass, backward Cov(z)·v) + straight-through gates, against torch.topk + softmax
+   over the chosen logits; `--method sequential` times the sequential DP (`probmoe_dp`, the tests'
+   oracle) instead, `--method autograd` the sequential DP's marginals by autograd.
 Default shapes: T=8192 tokens, E=64 and 128, k=8, hidden 512, fp32.
 
     python benchmarks/probmoe_router_speed.py [--tokens 8192] [--hidden 512] [--repeats 7] [--threads N]
-        [--method forward_backward|autograd] [--device cpu|cuda] [--dynamic KMIN]
+        [--method tree|sequential|autograd] [--device cpu|cuda] [--dynamic KMIN]
 """
 
 from __future__ import annotations
@@ -23,11 +25,15 @@ import torch
 
 from megatron_grouter.routing.probmoe_dp import marginals, sample_subsets, sample_with_marginals, \
     straight_through_gates
+from megatron_grouter.routing.probmoe_tree import route
 
 
 def probmoe_step(logits_TE: torch.Tensor, k_min: int, k_max: int, method: str,
                  generator: torch.Generator) -> torch.Tensor:
-    if method == "forward_backward":
+    if method == "tree":
+        result = route(logits_TE, k_min, k_max, sample=True, generator=generator)
+        mask_TE, mu_TE = result.mask_TE, result.mu_TE
+    elif method == "sequential":
         mask_TE, mu_TE = sample_with_marginals(logits_TE, k_min, k_max, generator=generator)
     else:
         mask_TE = sample_subsets(logits_TE, k_min, k_max, generator=generator)
@@ -108,7 +114,8 @@ def main() -> None:
                         help="also time dynamic-k with range [KMIN, k]")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--method", default="forward_backward", choices=["forward_backward", "autograd"])
+    parser.add_argument("--method", default="tree", choices=["tree", "sequential", "autograd"],
+                        help="routing math of section 2 (section 1 always runs the router, i.e. the tree)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.threads:
