@@ -7,6 +7,7 @@
                        needs to reach that same loss (None when the candidate never does)
   loss_gap             candidate − baseline validation loss at the evaluations both runs made
   max_vio              MaxVioGlobal (mean over MoE layers) averaged over the last half of training
+                       (or over its first fraction: how imbalanced a run started)
   grad_norm_cv         coefficient of variation (std / mean) of the gradient norm in sliding
                        windows of w steps, averaged over windows (None when the run is shorter)
   throughput           median tokens/s of the training steps
@@ -99,10 +100,26 @@ def loss_gap(baseline: RunMetrics, candidate: RunMetrics) -> dict:
             "ahead_everywhere": bool(gaps) and all(gap < 0 for gap in gaps)}
 
 
-def max_vio(run: RunMetrics) -> float | None:
-    """Mean MaxVioGlobal over the last half of the training steps."""
+def max_vio(run: RunMetrics, first_fraction: float | None = None) -> float | None:
+    """Mean MaxVioGlobal over the last half of the training steps (or over their first
+    `first_fraction`)."""
     values = run.series("moe/max_vio")
-    return float(values[len(values) // 2:].mean()) if len(values) else None
+    if not len(values):
+        return None
+    if first_fraction is not None:
+        return float(values[:max(1, int(len(values) * first_fraction))].mean())
+    return float(values[len(values) // 2:].mean())
+
+
+def mean_series(run: RunMetrics, key: str) -> float | None:
+    """Mean of a per-step metric; None when the run never logged it."""
+    values = run.series(key)
+    return float(values.mean()) if len(values) else None
+
+
+def last_value(run: RunMetrics, key: str) -> float | None:
+    values = run.series(key)
+    return float(values[-1]) if len(values) else None
 
 
 def grad_norm_cv(run: RunMetrics, window: int) -> float | None:

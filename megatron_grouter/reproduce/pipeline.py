@@ -156,7 +156,7 @@ class Pipeline:
         suffix = "" if causal else "-bidirectional"
         distill, distill_summary = self.distill_stage(source, prefix, tokenizer, causal, suffix)
         raw_stage, raw_grouter = self.fold_stage(distill, Path(distill_summary["grouter"]), prefix, suffix)
-        tune, tuned_grouter = self.tune_stage(raw_stage, raw_grouter, prefix, suffix)
+        tune, tuned_grouter = self.tune_stage(raw_stage, raw_grouter, prefix, suffix, self._list("tune.objective"))
         cache_stage, cache = self.predispatch_stage(tune, tuned_grouter, prefix, tokenizer, suffix)
         return raw_stage, raw_grouter, cache_stage, tuned_grouter, cache
 

@@ -36,7 +36,7 @@ def converted(stdlib_data, tmp_path_factory):
                                                   f"num_experts={2 * SOURCE_EXPERTS}",
                                                   f"out={root / 'expanded'}"]))
     tuned = run_tune(compose_tool("tune", [f"grouter={expanded['grouter']}", *data, "max_tokens=600000",
-                                           "lr=3e-3", "target_max_vio=0.1", "eval_tokens=40000", "progress=false", "kl_weight=0.01",
+                                           "lr=3e-3", "target_max_vio=0.1", "eval_tokens=40000", "progress=false", "mode=weights", "kl_weight=0.01",
                                            f"out={root / 'tuned'}"]))
     return {"corpus": corpus, "folded": folded["grouter"], "expanded": expanded, "tuned": tuned}
 

@@ -71,8 +71,8 @@ def test_tuning_cuts_max_violation_and_keeps_most_routing(mode, kl_weight, corpu
 
 
 def test_kl_to_the_distilled_routing_keeps_more_of_it_at_the_same_balance(corpus, imbalanced_grouter, tmp_path):
-    alone = tune(corpus, imbalanced_grouter, tmp_path / "alone", "kl_weight=0")
-    anchored = tune(corpus, imbalanced_grouter, tmp_path / "anchored", "kl_weight=0.01")
+    alone = tune(corpus, imbalanced_grouter, tmp_path / "alone", "mode=weights", "kl_weight=0")
+    anchored = tune(corpus, imbalanced_grouter, tmp_path / "anchored", "mode=weights", "kl_weight=0.01")
     print(f"top-k agreement at held-out MaxVioGlobal <= 0.1: balance loss alone {alone['after']['topk_agreement']:.3f}, "
           f"+ 0.01·KL {anchored['after']['topk_agreement']:.3f}")
     assert anchored["after"]["topk_agreement"] > alone["after"]["topk_agreement"]
@@ -86,7 +86,7 @@ def test_tuning_keeps_its_best_held_out_state_never_a_worse_one(corpus, tmp_path
     from megatron_grouter.offline.tuning import held_out_hidden, held_out_max_vio, stop_windows
 
     balanced = random_grouter(corpus["tokenizer"], tmp_path / "random", seed=3)
-    summary = tune(corpus, balanced, tmp_path / "tuned", "lr=3", "check_interval=1", "patience=3",
+    summary = tune(corpus, balanced, tmp_path / "tuned", "mode=weights", "lr=3", "check_interval=1", "patience=3",
                    "target_max_vio=0", "stop_tokens=20000")
     step = load_grouter(summary["grouter"])[1].provenance["history"][-1]
     assert "no better held-out MaxVioGlobal in 3 checks" in summary["stopped_by"]

@@ -69,9 +69,9 @@ def test_rerun_skips_finished_stages_and_reruns_changed_ones(micro_experiment, m
 @pytest.fixture(scope="module")
 def with_bidirectional_row(micro_corpus, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("reproduce") / "micro-bidirectional"
-    routers = ["aux_loss", "grouter_tuned", "grouter_tuned_bias", "grouter_tuned_bidirectional"]
+    routers = ["aux_loss", "grouter_tuned", "grouter_tuned_weights", "grouter_tuned_bidirectional"]
     return out_dir, reproduce_in_process(micro_overrides(out_dir, micro_corpus, routers, [1],
-                                                         extra=['+tune.variants.bias=["mode=bias"]']))
+                                                         extra=['+tune.variants.weights=["mode=weights"]']))
 
 
 def test_grouter_rows_are_causal_and_the_bidirectional_row_is_labelled(with_bidirectional_row):
@@ -98,20 +98,20 @@ def test_a_tuning_objective_variant_routes_its_own_target_run(with_bidirectional
     out_dir, report = with_bidirectional_row
     summary = json.loads((out_dir / "summary.json").read_text())
     stages = summary["stages"]
-    assert stages["tune"]["objective"] == "weights" and stages["tune-bias"]["objective"] == "bias"
-    variant = stages["tune-bias"]["grouter"]
+    assert stages["tune"]["objective"] == "bias" and stages["tune-weights"]["objective"] == "weights"
+    variant = stages["tune-weights"]["grouter"]
     assert variant != stages["tune"]["grouter"] and load_grouter(variant)[0].config.causal
-    assert read_grouter_header(variant)["provenance"]["history"][-1]["mode"] == "bias"
+    assert read_grouter_header(variant)["provenance"]["history"][-1]["mode"] == "weights"
     # Its run reads its own routing cache (other routing, other loss) and is compared with the best baseline.
-    assert stages["predispatch-bias"]["cache"] != stages["predispatch"]["cache"]
-    assert summary["runs"]["grouter_tuned_bias-s1"]["final_val_loss"] != summary["runs"]["grouter_tuned-s1"]["final_val_loss"]
-    assert "grouter_tuned_bias" in summary["per_seed"]["1"]["comparisons"]
+    assert stages["predispatch-weights"]["cache"] != stages["predispatch"]["cache"]
+    assert summary["runs"]["grouter_tuned_weights-s1"]["final_val_loss"] != summary["runs"]["grouter_tuned-s1"]["final_val_loss"]
+    assert "grouter_tuned_weights" in summary["per_seed"]["1"]["comparisons"]
     assert summary["per_seed"]["1"]["best_baseline"] == "aux_loss"
     text = report.read_text()
     assert "## Tuning objectives" in text
-    loss = summary["runs"]["grouter_tuned_bias-s1"]["final_val_loss"]
-    assert f"| grouter_tuned_bias | bias |" in text and f"s1: {loss:.4f}" in text
-    assert "| grouter_tuned_bidirectional (sees future tokens) | weights |" in text
+    loss = summary["runs"]["grouter_tuned_weights-s1"]["final_val_loss"]
+    assert "| grouter_tuned_weights | weights |" in text and f"s1: {loss:.4f}" in text
+    assert "| grouter_tuned_bidirectional (sees future tokens) | bias |" in text
 
 
 def test_parallel_runs_train_target_runs_at_the_same_time(micro_experiment, micro_corpus):
