@@ -28,7 +28,7 @@ from megatron_grouter.errors import UserError
 from megatron_grouter.reproduce.jobs import check_launcher, run_job
 from megatron_grouter.reproduce.routers import (BIDIRECTIONAL, GROUTER_RUNS, is_learned, router_overrides,
                                                 tuned_variant)
-from megatron_grouter.reproduce.stages import Stage
+from megatron_grouter.reproduce.stages import Stage, write_json_atomic
 
 
 @dataclass
@@ -379,15 +379,33 @@ class Pipeline:
         settings = {"runs": [run.name for run in runs], "sequences": int(self.cfg.probe.sequences),
                     "prefix": prefix}
         upstream_keys = [run.key for run in runs]
+        probe_settings = {"sequences": int(self.cfg.probe.sequences), "prefix": prefix}
 
         def work(stage: Stage) -> dict:
+            # Each run keeps its own probe result (its directory is emptied when its key changes):
+            # a run whose checkpoints were pruned after an earlier probe is not probed again.
+            results, missing = {}, []
+            for run in runs:
+                kept = _read_json(run.directory / "stability.json")
+                if kept and kept.get("settings") == probe_settings:
+                    results.update(kept["result"])
+                else:
+                    missing.append(run)
+            if missing:
+                fresh_file = stage.directory / "probed.json"
+                args = [arg for run in missing for arg in ("--run", str(run.directory))]
+                self._job("probe", [*args, "--prefix", prefix, "--sequences", str(self.cfg.probe.sequences),
+                                    "--out", str(fresh_file)], stage, "probe")
+                fresh = json.loads(fresh_file.read_text())
+                for run in missing:
+                    name = run.directory.name
+                    write_json_atomic(run.directory / "stability.json",
+                                      {"settings": probe_settings, "result": {name: fresh[name]}})
+                    if not self.cfg.probe.keep_checkpoints:
+                        prune_checkpoints(run.directory)
+                results.update(fresh)
             out = stage.directory / "stability.json"
-            args = [arg for run in runs for arg in ("--run", str(run.directory))]
-            self._job("probe", [*args, "--prefix", prefix, "--sequences", str(self.cfg.probe.sequences),
-                                "--out", str(out)], stage, "probe")
-            if not self.cfg.probe.keep_checkpoints:
-                for run in runs:
-                    prune_checkpoints(run.directory)
+            write_json_atomic(out, {run.directory.name: results[run.directory.name] for run in runs})
             return {"file": str(out)}
         _, summary = self._stage("stability", {**settings, "runs_keys": upstream_keys}, [], work,
                                  "stage stability: route a probe batch with every checkpoint")
@@ -411,6 +429,13 @@ def prune_checkpoints(run_dir: Path) -> None:
     for path in root.glob("step_*"):
         if path != latest:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _dataset_identity(prefix: str) -> dict:

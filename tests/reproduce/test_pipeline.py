@@ -131,3 +131,17 @@ def test_parallel_runs_train_target_runs_at_the_same_time(micro_experiment, micr
     summary = json.loads((out_dir / "summary.json").read_text())
     assert {name: row["steps"] for name, row in summary["runs"].items()} == {
         f"{router}-s{seed}": 5 for router in ROUTERS for seed in (1, 2)}
+
+
+def test_adding_a_learned_router_probes_only_the_new_run(micro_experiment, micro_corpus):
+    """The probe prunes a run's checkpoints after reading them; adding a learned router later
+    reuses the earlier runs' own probe results instead of failing on their single checkpoint."""
+    out_dir, _ = micro_experiment
+    routers = ["aux_loss", "z_loss", "grouter_tuned"]
+    reproduce_in_process(micro_overrides(out_dir, micro_corpus, routers, [1, 2], target_steps=5))
+    summary = json.loads((out_dir / "stages" / "target-aux_loss-s1" / "stability.json").read_text())
+    assert summary["result"]["target-aux_loss-s1"]["steps"]  # kept from the earlier probe
+    assert len(list((out_dir / "stages" / "target-aux_loss-s1" / "checkpoints").glob("step_*"))) == 1
+    stability = json.loads((out_dir / "summary.json").read_text())["stability"]
+    assert set(stability) == {"target-aux_loss-s1", "target-z_loss-s1"}
+    assert stability["target-z_loss-s1"]["steps"] and len(stability["target-z_loss-s1"]["unchanged_LT"]) == 2
