@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_grouter.reproduce.metrics import RunMetrics, data_efficiency, read_run, throughput
+from megatron_grouter.reproduce.metrics import RunMetrics, data_efficiency, last_half_mean, read_run, throughput
 
 REPO = Path(__file__).resolve().parent.parent
 ROUTERS = ("aux_loss", "probmoe_exact_k", "probmoe_dynamic_k")
@@ -43,11 +43,6 @@ def train(router: str, seed: int, steps: int, eval_interval: int, out_dir: Path,
     if result.returncode:
         raise SystemExit(f"{router} (seed {seed}) failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     return read_run(out_dir, router)
-
-
-def last_half_mean(run: RunMetrics, key: str) -> float | None:
-    values = run.series(key)
-    return float(values[len(values) // 2:].mean()) if len(values) else None
 
 
 def print_seed(seed: int, runs: dict[str, RunMetrics], num_experts: int, topk: int) -> None:

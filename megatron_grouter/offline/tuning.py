@@ -224,7 +224,8 @@ def tune_grouter(grouter, train_batches, eval_batches, settings: TuneSettings,
     optimizer = torch.optim.Adam(trainable, lr=settings.lr) if settings.mode == "weights" else None
     bias_step = None
     step, tokens, stopped_by = 0, 0, "token budget"
-    best_vio, best_step, best_state, checks_since_best = held_out_max_vio(tuned, stop_hidden_TH), 0, None, 0
+    best_vio, best_step, best_state, checks_since_best = (held_out_max_vio(tuned, stop_hidden_TH), 0,
+                                                          _tunable_state(tuned), 0)
     bar = tqdm(total=settings.max_tokens, desc=f"tune ({settings.mode})", unit="tok", unit_scale=True,
                disable=not progress or rank != 0, mininterval=2.0)
     started = time.perf_counter()
@@ -274,7 +275,7 @@ def tune_grouter(grouter, train_batches, eval_batches, settings: TuneSettings,
                 break
     bar.close()
     elapsed = max(time.perf_counter() - started, 1e-9)
-    _restore_tunable_state(tuned, best_state, reference)
+    _restore_tunable_state(tuned, best_state)
     for parameter in tuned.parameters():
         parameter.requires_grad_(True)
     tuned.eval()
@@ -292,9 +293,8 @@ def _tunable_state(grouter) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _restore_tunable_state(tuned, state: dict[str, torch.Tensor] | None, untuned) -> None:
-    """Put back the best check's state (None: the untuned Grouter's, step 0)."""
-    state = state if state is not None else _tunable_state(untuned)
+def _restore_tunable_state(tuned, state: dict[str, torch.Tensor]) -> None:
+    """Put back the best check's state (step 0: the untuned Grouter's)."""
     tuned.score.load_state_dict({name[len("score."):]: value for name, value in state.items()
                                  if name.startswith("score.")})
     tuned.expert_bias.copy_(state["expert_bias"])

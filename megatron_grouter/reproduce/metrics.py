@@ -103,12 +103,16 @@ def loss_gap(baseline: RunMetrics, candidate: RunMetrics) -> dict:
 def max_vio(run: RunMetrics, first_fraction: float | None = None) -> float | None:
     """Mean MaxVioGlobal over the last half of the training steps (or over their first
     `first_fraction`)."""
+    if first_fraction is None:
+        return last_half_mean(run, "moe/max_vio")
     values = run.series("moe/max_vio")
-    if not len(values):
-        return None
-    if first_fraction is not None:
-        return float(values[:max(1, int(len(values) * first_fraction))].mean())
-    return float(values[len(values) // 2:].mean())
+    return float(values[:max(1, int(len(values) * first_fraction))].mean()) if len(values) else None
+
+
+def last_half_mean(run: RunMetrics, key: str) -> float | None:
+    """Mean of a per-step metric over the last half of the steps that logged it; None if none did."""
+    values = run.series(key)
+    return float(values[len(values) // 2:].mean()) if len(values) else None
 
 
 def mean_series(run: RunMetrics, key: str) -> float | None:

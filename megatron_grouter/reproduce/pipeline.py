@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.reproduce.jobs import check_launcher, run_job
-from megatron_grouter.reproduce.routers import (BIDIRECTIONAL, GROUTER_RUNS, is_learned, router_overrides,
-                                                tuned_variant)
+from megatron_grouter.reproduce.routers import (BIDIRECTIONAL, GROUTER_RUNS, is_learned, missing_variant,
+                                                router_overrides, tuned_variant)
 from megatron_grouter.reproduce.stages import Stage, write_json_atomic
 
 
@@ -97,8 +97,7 @@ class Pipeline:
                 int(self.cfg.nproc_per_node))
 
     def _list(self, key: str) -> list[str]:
-        value = OmegaConf.select(self.cfg, key)
-        return [str(item) for item in (value or [])]
+        return _as_list(OmegaConf.select(self.cfg, key), key)
 
     # ------------------------------------------------------------------ stages
     def run(self) -> Results:
@@ -171,10 +170,9 @@ class Pipeline:
             if name is None:
                 continue
             if name not in declared:
-                raise UserError(f"target router {router} needs tune.variants.{name} (the mg-tune overrides "
-                                f"of that objective): add '+tune.variants.{name}=[\"kl_weight=1\"]' or put it in the preset")
+                raise missing_variant(router)
             tune, grouter = self.tune_stage(raw_stage, raw_grouter, prefix, f"-{name}",
-                                            [str(item) for item in declared[name]])
+                                            _as_list(declared[name], f"tune.variants.{name}"))
             cache_stage, cache = self.predispatch_stage(tune, grouter, prefix, tokenizer, f"-{name}")
             variants[router] = (cache_stage, grouter, cache)
         return variants
@@ -376,10 +374,9 @@ class Pipeline:
         if int(self.cfg.target.checkpoint_interval) <= 0 or not runs:
             self.results.summaries["stability"] = {"skipped": "no learned-router run keeps checkpoints"}
             return
-        settings = {"runs": [run.name for run in runs], "sequences": int(self.cfg.probe.sequences),
-                    "prefix": prefix}
-        upstream_keys = [run.key for run in runs]
         probe_settings = {"sequences": int(self.cfg.probe.sequences), "prefix": prefix}
+        settings = {"runs": [run.name for run in runs], **probe_settings}
+        upstream_keys = [run.key for run in runs]
 
         def work(stage: Stage) -> dict:
             # Each run keeps its own probe result (its directory is emptied when its key changes):
@@ -429,6 +426,16 @@ def prune_checkpoints(run_dir: Path) -> None:
     for path in root.glob("step_*"):
         if path != latest:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _as_list(value, key: str) -> list[str]:
+    """A config list of overrides/names as strings; a bare string would be split into characters."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        raise UserError(f"{key}={value!r} must be a list, e.g. {key}=[{value}] (quote items that contain '=': "
+                        f"'{key}=[\"{value}\"]')")
+    return [str(item) for item in value]
 
 
 def _read_json(path: Path) -> dict | None:

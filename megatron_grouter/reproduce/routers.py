@@ -35,6 +35,13 @@ def tuned_variant(router: str) -> str | None:
     return router[len(TUNED_VARIANT_PREFIX):]
 
 
+def missing_variant(router: str) -> UserError:
+    """The one-line error for a grouter_tuned_<variant> row whose objective is not declared."""
+    name = tuned_variant(router)
+    return UserError(f"target router {router} needs tune.variants.{name} (the mg-tune overrides of that "
+                     f"objective): add '+tune.variants.{name}=[\"kl_weight=1\"]' or put it in the preset")
+
+
 def is_grouter(router: str) -> bool:
     return router in GROUTER_RUNS or tuned_variant(router) is not None
 
@@ -69,9 +76,7 @@ def router_overrides(router: str, raw: Path, tuned: Path, cache: Path,
                 "router.grouter.allow_future_context=true"]
     if tuned_variant(router) is not None:
         if not variants or router not in variants:
-            raise UserError(f"target router {router} needs tune.variants.{tuned_variant(router)} (the mg-tune "
-                            f"overrides of that objective): add '+tune.variants.{tuned_variant(router)}=[\"kl_weight=1\"]' "
-                            "or put it in the preset")
+            raise missing_variant(router)
         grouter, grouter_cache = variants[router]
         return ["router=grouter_fixed", f"router.name={router}", f"router.grouter.path={grouter}",
                 "router.grouter.source=cached", f"router.grouter.cache={grouter_cache}"]

@@ -66,3 +66,12 @@ def test_parallel_runs_need_the_subprocess_launcher(tmp_path):
                                     "parallel_runs=2"]))
     with pytest.raises(UserError, match="parallel_runs=0 must be >= 1"):
         Pipeline(compose_reproduce(["experiment=quick", f"out_dir={tmp_path}", "parallel_runs=0"]))
+
+
+def test_a_bare_string_where_a_list_belongs_is_one_line():
+    from megatron_grouter.reproduce.pipeline import _as_list
+
+    with pytest.raises(UserError, match=r"tune.variants.kl='kl_weight=1' must be a list"):
+        _as_list("kl_weight=1", "tune.variants.kl")
+    assert _as_list(["mode=weights", "kl_weight=1"], "tune.variants.kl") == ["mode=weights", "kl_weight=1"]
+    assert _as_list(None, "tune.objective") == []
