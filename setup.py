@@ -26,7 +26,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_grouter", "megatron_grouter.*"]),
-    package_data={"megatron_grouter": ["conf/**/*.yaml", "conf/*.yaml"]},
+    package_data={"megatron_grouter": ["conf/**/*.yaml", "conf/*.yaml", "routing/*.c"]},
     include_package_data=True,
     install_requires=[
         "torch==2.13.0",

@@ -474,6 +474,42 @@ def most_probable_subset(logits_TE: torch.Tensor, k_min: int, k_max: int,
 # gates
 
 
+class _StraightThroughGates(torch.autograd.Function):
+    """y = u / total, u = g * softmax(l), g = z + mu - stopgrad(mu), total = sum_i u_i z_i (or 1
+    without renormalisation): the autograd graph of the formula in `straight_through_gates`, with
+    its backward written out (half the tensor operations of the composed graph):
+        du = (G - z (G . y)) / total,  dmu = du * p,  dl = p * (dp - p . dp) with dp = du * z."""
+
+    @staticmethod
+    def forward(ctx, logits_TE, picked_TE, mu_TE, renormalise):
+        probs_TE = torch.softmax(logits_TE, dim=1)
+        weights_TE = probs_TE * picked_TE
+        total_T1 = None
+        if renormalise:
+            total_T1 = weights_TE.sum(dim=1, keepdim=True)
+            # tokens with an empty subset (k_min = 0) keep all-zero gates instead of 0/0
+            total_T1 = torch.where(total_T1 > 0, total_T1, torch.ones_like(total_T1))
+            weights_TE = weights_TE / total_T1
+        ctx.save_for_backward(probs_TE, picked_TE, weights_TE, total_T1)
+        ctx.renormalise = renormalise
+        ctx.mark_non_differentiable(picked_TE)
+        return weights_TE
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_TE):
+        probs_TE, picked_TE, weights_TE, total_T1 = ctx.saved_tensors
+        grad_u_TE = grad_TE
+        if ctx.renormalise:
+            grad_u_TE = (grad_TE - picked_TE * (grad_TE * weights_TE).sum(dim=1, keepdim=True)) / total_T1
+        grad_mu_TE = grad_u_TE * probs_TE if ctx.needs_input_grad[2] else None
+        grad_logits_TE = None
+        if ctx.needs_input_grad[0]:
+            grad_p_TE = grad_u_TE * picked_TE
+            grad_logits_TE = probs_TE * (grad_p_TE - (probs_TE * grad_p_TE).sum(dim=1, keepdim=True))
+        return grad_logits_TE, None, grad_mu_TE, None
+
+
 def straight_through_gates(logits_TE: torch.Tensor, mask_TE: torch.Tensor, mu_TE: torch.Tensor | None,
                            renormalise: bool = True) -> torch.Tensor:
     """Gate weights [T, E]: g * softmax(l) with g = z + mu - stopgrad(mu) (forward value z).
@@ -488,20 +524,11 @@ def straight_through_gates(logits_TE: torch.Tensor, mask_TE: torch.Tensor, mu_TE
     the unnormalised sum changes with the sampled size (8 of 64 experts start near 1/8 of the
     scale), which a pretraining run would have to learn around. renormalise=False is the
     official formula (OLMoE / Qwen1.5-MoE, norm_topk_prob False), for fidelity runs.
-    g is built as z + (mu - mu.detach()) so that its forward value is exactly z.
     """
     _check_logits(logits_TE)
     if mask_TE.shape != logits_TE.shape:
         raise UserError(f"mask shape {tuple(mask_TE.shape)} must match logits {tuple(logits_TE.shape)}")
     dtype = _compute_dtype(logits_TE)
-    picked_TE = mask_TE.to(dtype)
-    gate_TE = picked_TE
-    if mu_TE is not None:
-        mu_TE = mu_TE.to(dtype)
-        gate_TE = picked_TE + (mu_TE - mu_TE.detach())
-    weights_TE = gate_TE * torch.softmax(logits_TE.to(dtype), dim=1)
-    if renormalise:
-        total_T1 = (weights_TE * picked_TE).sum(dim=1, keepdim=True)
-        # tokens with an empty subset (k_min = 0) keep all-zero gates instead of 0/0
-        weights_TE = weights_TE / torch.where(total_T1 > 0, total_T1, torch.ones_like(total_T1))
-    return weights_TE
+    if mu_TE is None:  # no straight-through term: a constant mu (no gradient) is the same graph
+        mu_TE = logits_TE.new_zeros((), dtype=dtype).expand(logits_TE.shape)
+    return _StraightThroughGates.apply(logits_TE.to(dtype), mask_TE.to(dtype), mu_TE.to(dtype), renormalise)

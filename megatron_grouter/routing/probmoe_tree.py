@@ -42,12 +42,17 @@ The sequential (expert by expert) DP in `probmoe_dp` is kept as the oracle the t
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple
 
 import torch
 
+from megatron_grouter.errors import UserError
+from megatron_grouter.routing import probmoe_native
 from megatron_grouter.routing.probmoe_dp import _check_logits, _check_range, _compute_dtype
+
+log = logging.getLogger(__name__)
 
 _WORK = torch.float64
 _CPU_CHUNK = 1024
@@ -280,28 +285,67 @@ def _hessian_vector(tables, v_TE: torch.Tensor) -> torch.Tensor:
     return mu_dot_PT[:E].t() * free_TE
 
 
+def _use_native(logits_TE: torch.Tensor, k_max: int) -> bool:
+    """The fused CPU kernel (`probmoe_native`) for CPU logits, the torch tree otherwise."""
+    wanted = probmoe_native.choice()
+    if logits_TE.device.type != "cpu":
+        if wanted == "native":
+            raise UserError(f"{probmoe_native.ENV}=native is a CPU kernel but the logits are on "
+                            f"{logits_TE.device.type}; unset it (CUDA runs the torch tree)")
+        return False
+    if wanted == "torch" or not 1 <= k_max <= probmoe_native.MAX_K:
+        return False
+    if probmoe_native.available():
+        return True
+    if wanted == "native":
+        raise UserError(f"{probmoe_native.ENV}=native but the ProbMoE CPU kernel could not be built "
+                        f"({probmoe_native.failure()}); install a C compiler or unset it")
+    global _fallback_logged
+    if not _fallback_logged:
+        _fallback_logged = True
+        log.warning("ProbMoE: native CPU kernel unavailable (%s); using the torch tree (slower)",
+                    probmoe_native.failure())
+    return False
+
+
+_fallback_logged = False
+
+
+def _seed(generator: torch.Generator | None) -> int:
+    """A 62-bit kernel seed from the torch generator (CPU, so no device synchronisation)."""
+    return int(torch.randint(0, 1 << 62, (1,), generator=generator))
+
+
 class _Tree(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits_TE, k_min, k_max, sample, generator):
         T, E = logits_TE.shape
-        chunk = _chunk_size(logits_TE.device)
-        results, ctx.tables = [], []
-        with torch.no_grad():
-            for start in range(0, T, chunk):
-                *outputs, tables = _forward_chunk(logits_TE[start:start + chunk], k_min, k_max, sample, generator)
-                results.append(outputs)
-                ctx.tables.append(tables)
-            mu_TE, log_z_T, entropy_T = (torch.cat([r[i] for r in results]) for i in (0, 2, 3))
-            if sample:
-                mask_TE = torch.cat([r[1] for r in results])
-            else:
-                mask_TE = torch.zeros((0, E), dtype=torch.bool, device=logits_TE.device)
-        out_dtype = _compute_dtype(logits_TE)
-        ctx.mu_TE = mu_TE
-        ctx.k_max = k_max
-        ctx.chunk = chunk
+        ctx.set_materialize_grads(False)  # unused outputs (log Z, often) cost no zero-filled gradients
+        ctx.native = _use_native(logits_TE, k_max)
+        ctx.k_min, ctx.k_max = k_min, k_max
         ctx.input_dtype = logits_TE.dtype
+        out_dtype = _compute_dtype(logits_TE)
+        with torch.no_grad():
+            if ctx.native:
+                x_TE = logits_TE.detach().to(_WORK).contiguous()
+                mu_TE, mask_TE, log_z_T, entropy_T, ctx.tilt_T = probmoe_native.forward(
+                    x_TE, k_min, k_max, clamp_radius(E, k_max), _seed(generator) if sample else None)
+                ctx.logits_TE = x_TE
+            else:
+                chunk = _chunk_size(logits_TE.device)
+                results, ctx.tables = [], []
+                for start in range(0, T, chunk):
+                    *outputs, tables = _forward_chunk(logits_TE[start:start + chunk], k_min, k_max, sample,
+                                                      generator)
+                    results.append(outputs)
+                    ctx.tables.append(tables)
+                ctx.chunk = chunk
+                mu_TE, log_z_T, entropy_T = (torch.cat([r[i] for r in results]) for i in (0, 2, 3))
+                mask_TE = torch.cat([r[1] for r in results]) if sample else None
+            if mask_TE is None:
+                mask_TE = torch.zeros((0, E), dtype=torch.bool, device=logits_TE.device)
+        ctx.mu_TE = mu_TE
         entropy_T = entropy_T.to(out_dtype)
         ctx.mark_non_differentiable(mask_TE, entropy_T)
         return mu_TE.to(out_dtype), mask_TE, log_z_T.to(out_dtype), entropy_T
@@ -310,14 +354,20 @@ class _Tree(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_mu_TE, _grad_mask, grad_log_z_T, _grad_entropy):
         mu_TE = ctx.mu_TE
-        grad_TE = torch.zeros_like(mu_TE)
-        if grad_log_z_T is not None:
-            grad_TE += grad_log_z_T.to(_WORK)[:, None] * mu_TE
+        grad_TE = None
         if grad_mu_TE is not None and ctx.k_max >= 1:
             grad_mu_TE = grad_mu_TE.to(_WORK)
-            for index, tables in enumerate(ctx.tables):
-                rows = slice(index * ctx.chunk, (index + 1) * ctx.chunk)
-                grad_TE[rows] += _hessian_vector(tables, grad_mu_TE[rows])
+            if ctx.native:
+                grad_TE = probmoe_native.covariance_vector(ctx.logits_TE, ctx.tilt_T, grad_mu_TE, ctx.k_min,
+                                                           ctx.k_max, clamp_radius(mu_TE.shape[1], ctx.k_max))
+            else:
+                grad_TE = torch.cat([_hessian_vector(tables, grad_mu_TE[index * ctx.chunk:(index + 1) * ctx.chunk])
+                                     for index, tables in enumerate(ctx.tables)])
+        if grad_log_z_T is not None:
+            from_log_z_TE = grad_log_z_T.to(_WORK)[:, None] * mu_TE
+            grad_TE = from_log_z_TE if grad_TE is None else grad_TE.add_(from_log_z_TE)
+        if grad_TE is None:
+            return None, None, None, None, None
         return grad_TE.to(ctx.input_dtype), None, None, None, None
 
 

@@ -261,6 +261,36 @@ def test_gate_gradient_reaches_mu_as_the_straight_through_estimator(renormalise)
     torch.testing.assert_close(grad_mu_TE, expected_TE)
 
 
+def _composed_gates(logits_TE, mask_TE, mu_TE, renormalise):
+    """The gate formula as plain autograd ops: the reference for the fused backward."""
+    picked_TE = mask_TE.to(logits_TE.dtype)
+    weights_TE = (picked_TE + (mu_TE - mu_TE.detach())) * torch.softmax(logits_TE, dim=1)
+    if renormalise:
+        total_T1 = (weights_TE * picked_TE).sum(dim=1, keepdim=True)
+        weights_TE = weights_TE / torch.where(total_T1 > 0, total_T1, torch.ones_like(total_T1))
+    return weights_TE
+
+
+@pytest.mark.parametrize("renormalise", [False, True])
+def test_fused_gate_backward_equals_autograd_through_the_formula(renormalise):
+    logits_TE = random_logits(40, 7, seed=18).requires_grad_(True)
+    mask_TE = dp.sample_subsets(logits_TE.detach(), 0, 4, generator=torch.Generator().manual_seed(1))
+    mask_TE[::9] = False  # empty subsets (k_min = 0) take the no-renormalisation branch
+    mu_TE = dp.marginals(logits_TE.detach(), 0, 4).requires_grad_(True)
+    upstream_TE = random_logits(40, 7, scale=1.0, seed=19)
+    fused_TE = dp.straight_through_gates(logits_TE, mask_TE, mu_TE, renormalise=renormalise)
+    composed_TE = _composed_gates(logits_TE, mask_TE, mu_TE, renormalise)
+    torch.testing.assert_close(fused_TE, composed_TE, atol=1e-14, rtol=0)
+    fused = torch.autograd.grad((fused_TE * upstream_TE).sum(), (logits_TE, mu_TE))
+    composed = torch.autograd.grad((composed_TE * upstream_TE).sum(), (logits_TE, mu_TE))
+    for got, want in zip(fused, composed):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    # the forward value does not depend on mu (straight-through), so only the softmax path is checkable
+    assert torch.autograd.gradcheck(
+        lambda x: dp.straight_through_gates(x, mask_TE[:10], mu_TE.detach()[:10], renormalise=renormalise),
+        (logits_TE.detach()[:10].requires_grad_(True),))
+
+
 def test_router_logits_receive_gradient_from_the_marginals():
     logits_TE = random_logits(16, 8, seed=16, dtype=torch.float32).requires_grad_(True)
     mask_TE, mu_TE = dp.sample_with_marginals(logits_TE, 2, 2, generator=torch.Generator().manual_seed(0))

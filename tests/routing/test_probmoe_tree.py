@@ -1,8 +1,13 @@
-"""Product-tree ProbMoE DP against brute-force enumeration (E <= 10) and the sequential DP."""
+"""Product-tree ProbMoE DP against brute-force enumeration (E <= 10) and the sequential DP.
+
+Every test runs twice: on the fused CPU kernel (`probmoe_native`) and on the torch tree.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -10,11 +15,20 @@ from scipy.stats import chisquare
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.routing import probmoe_dp as sequential
+from megatron_grouter.routing import probmoe_native
 from megatron_grouter.routing import probmoe_tree as tree
 
 from routing.test_probmoe_dp import brute_force, random_logits
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(params=["native", "torch"], autouse=True)
+def implementation(request, monkeypatch):
+    if request.param == "native" and shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler: the native kernel cannot be built here")
+    monkeypatch.setenv(probmoe_native.ENV, request.param)
+    return request.param
 
 # (experts, k_min, k_max): powers of two and not, exact-k and dynamic-k, empty sets allowed
 CASES = [(5, 2, 2), (8, 3, 3), (10, 4, 4), (7, 1, 4), (8, 0, 3), (10, 2, 6), (6, 6, 6), (9, 1, 1),
@@ -119,7 +133,9 @@ def test_clamped_logits_are_exact_against_enumeration():
         torch.testing.assert_close(result.entropy_T, entropy_T, atol=1e-9, rtol=0)
 
 
-def test_chunked_and_unchunked_passes_agree(monkeypatch):
+def test_chunked_and_unchunked_passes_agree(monkeypatch, implementation):
+    if implementation == "native":
+        pytest.skip("chunks are the torch tree's")
     logits_TE = random_logits(50, 12, scale=2.0, seed=21, dtype=torch.float32).requires_grad_(True)
     probe_TE = torch.randn(50, 12, generator=torch.Generator().manual_seed(2))
     results = []
