@@ -6,8 +6,10 @@ Two comparisons, each measured in the same process on the same inputs, median of
    [T, 1, H]: router forward, then backward of a fixed random projection of the probs.
 2. Routing math alone: the router's product tree (`probmoe_tree.route`: sample + marginals +
    entropy in one pass, backward Cov(z)·v) + straight-through gates, against torch.topk + softmax
-   over the chosen logits; `--method sequential` times the sequential DP (`probmoe_dp`, the tests'
-   oracle) instead, `--method autograd` the sequential DP's marginals by autograd.
+   over the chosen logits. On CPU both tree implementations are timed: the fused C kernel
+   (`native`, what the router runs when it builds) and the torch tree (`torch`, the CUDA path and
+   the fallback). `--method sequential` times the sequential DP (`probmoe_dp`, the tests' oracle)
+   instead, `--method autograd` the sequential DP's marginals by autograd.
 Default shapes: T=8192 tokens, E=64 and 128, k=8, hidden 512, fp32.
 
     python benchmarks/probmoe_router_speed.py [--tokens 8192] [--hidden 512] [--repeats 7] [--threads N]
@@ -17,12 +19,15 @@ Default shapes: T=8192 tokens, E=64 and 128, k=8, hidden 512, fp32.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import time
 from typing import Callable
 
 import torch
 
+from megatron_grouter.routing import probmoe_native
 from megatron_grouter.routing.probmoe_dp import marginals, sample_subsets, sample_with_marginals, \
     straight_through_gates
 from megatron_grouter.routing.probmoe_tree import route
@@ -39,6 +44,21 @@ def probmoe_step(logits_TE: torch.Tensor, k_min: int, k_max: int, method: str,
         mask_TE = sample_subsets(logits_TE, k_min, k_max, generator=generator)
         mu_TE = marginals(logits_TE, k_min, k_max, method=method)
     return straight_through_gates(logits_TE, mask_TE, mu_TE)
+
+
+@contextlib.contextmanager
+def tree_kernel(choice: str | None):
+    """Run the block with MEGATRON_GROUTER_PROBMOE_KERNEL=choice (None: as it is)."""
+    previous = os.environ.get(probmoe_native.ENV)
+    if choice is not None:
+        os.environ[probmoe_native.ENV] = choice
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(probmoe_native.ENV, None)
+        else:
+            os.environ[probmoe_native.ENV] = previous
 
 
 def topk_softmax_step(logits_TE: torch.Tensor, k: int) -> torch.Tensor:
@@ -122,8 +142,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     generator = torch.Generator(device=device).manual_seed(0)
+    native = device.type == "cpu" and probmoe_native.choice() != "torch" and probmoe_native.available()
     print(f"device={device} threads={torch.get_num_threads()} tokens={args.tokens} k={args.k} "
-          f"hidden={args.hidden} method={args.method} fp32, median of {args.repeats}")
+          f"hidden={args.hidden} method={args.method} fp32, median of {args.repeats}; the router's tree: "
+          f"{'native CPU kernel' if native else 'torch'}"
+          + ("" if native or device.type != "cpu" else f" ({probmoe_native.failure()})"))
     ranges = [(args.k, args.k)] + ([(args.dynamic, args.k)] if args.dynamic is not None else [])
     from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
 
@@ -139,15 +162,15 @@ def main() -> None:
                   f"megatron TopKRouter {baseline_s * 1e3:7.2f} ms   ratio {probmoe_s / baseline_s:6.1f}x")
     shutdown_distributed()
     print("2. routing math only (logits in, gates out), forward + backward:")
+    kernels = ["native", "torch"] if native and args.method == "tree" else [None]
     for num_experts in args.experts:
         logits_TE = torch.randn(args.tokens, num_experts, device=device, generator=generator) * 2.0
         baseline_s = time_fwd_bwd(lambda x: topk_softmax_step(x, args.k), logits_TE, args.repeats)
         for k_min, k_max in ranges:
-            probmoe_s = time_fwd_bwd(lambda x: probmoe_step(x, k_min, k_max, args.method, generator),
-                                     logits_TE, args.repeats)
-            print(f"E={num_experts:4d} k=[{k_min},{k_max}]  probmoe {probmoe_s * 1e3:8.2f} ms   "
-                  f"topk-softmax {baseline_s * 1e3:7.2f} ms   ratio {probmoe_s / baseline_s:6.1f}x")
-
-
-if __name__ == "__main__":
-    main()
+            for kernel in kernels:
+                label = f"probmoe/{kernel}" if kernel else f"probmoe/{args.method}"
+                with tree_kernel(kernel):
+                    probmoe_s = time_fwd_bwd(lambda x: probmoe_step(x, k_min, k_max, args.method, generator),
+                                             logits_TE, args.repeats)
+                print(f"E={num_experts:4d} k=[{k_min},{k_max}]  {label:<15} {probmoe_s * 1e3:8.2f} ms   "
+                      f"topk-softmax {baseline_s * 1e3:7.2f} ms   ratio {probmoe_s / baseline_s:6.1f}x")

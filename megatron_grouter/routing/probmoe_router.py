@@ -47,6 +47,14 @@ which fine-tune pretrained OLMoE / Qwen1.5-MoE) and the paper:
   clamped to [k_min, k_max]); the temperature does not change it. Gates without the surrogate.
 - Metering: the entropy of the subset distribution of every token and the routed counts come
   from the same tree pass (no second DP), logged as moe/subset_entropy and moe/active_experts.
+- Dynamic-k size (deviation, opt-in): the official code has no price on the number of experts;
+  it fine-tunes pretrained routers whose logits already make small subsets likely, and it still
+  computes k_max experts per token (zero gates for the unpicked). Here only the sampled experts
+  are computed, and from scratch nothing asks for fewer: softmax gates are shift-invariant and
+  renormalised gates make the surrogate gradient sum to 0 over the chosen experts, so the size
+  drifts to k_max (measured: 2.00 of 2 on tiny_cpu). `count_cost` > 0 adds count_cost * E|z|
+  (E|z| = sum_i mu_i, exact from the tree; gradient Cov(z) 1 / temperature) through megatron's
+  aux-loss scaler, logged as probmoe_expected_experts. Default 0 (the paper's model).
 
 z-loss and token dropping work as in TopKRouter; expert bias, sinkhorn and group-limited routing
 are refused.
@@ -79,7 +87,7 @@ class ProbMoERouter(TopKRouter):
     """TopKRouter whose selection is ProbMoE sampling (training) / MAP subset (inference)."""
 
     def __init__(self, config, pg_collection=None, *, k_min: int | None = None,
-                 inference_rule: InferenceRule = "map", temperature: float = 1.0,
+                 inference_rule: InferenceRule = "map", temperature: float = 1.0, count_cost: float = 0.0,
                  generator: torch.Generator | None = None):
         _refuse_unsupported(config)
         super().__init__(config=config, pg_collection=pg_collection)
@@ -91,6 +99,12 @@ class ProbMoERouter(TopKRouter):
         if not temperature > 0:
             raise UserError(f"ProbMoE temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
+        if not count_cost >= 0:
+            raise UserError(f"ProbMoE count_cost must be >= 0, got {count_cost}")
+        if count_cost > 0 and self.k_min == self.k_max:
+            raise UserError(f"ProbMoE count_cost prices a variable number of experts, but exact-k routes "
+                            f"exactly {self.k_max}; set router.probmoe.k_min below topk or count_cost=0")
+        self.count_cost = float(count_cost)
         self.renormalise = not config.moe_router_pre_softmax
         self.inference_rule = inference_rule
         # None: torch's default generator, which megatron seeds alike on the ranks of a TP group
@@ -98,7 +112,8 @@ class ProbMoERouter(TopKRouter):
         self.load_meter = LoadMeter(self.num_experts)
 
     def select(self, logits_TE: torch.Tensor):
-        """(gates_TE, routing_map_TE, entropy_T or None outside training) for flat logits."""
+        """(gates_TE, routing_map_TE, entropy_T, mu_TE) for flat logits (the last two None outside
+        training)."""
         if self.training and torch.is_grad_enabled():
             result = route(logits_TE / self.temperature, self.k_min, self.k_max, sample=True,
                            generator=self.generator)
@@ -110,7 +125,23 @@ class ProbMoERouter(TopKRouter):
         scaling = self.config.moe_router_topk_scaling_factor
         if scaling:
             gates_TE = gates_TE * scaling
-        return gates_TE.to(logits_TE.dtype), mask_TE, entropy_T
+        return gates_TE.to(logits_TE.dtype), mask_TE, entropy_T, mu_TE
+
+    def _apply_count_cost(self, probs_TE, mu_TE, padding_mask):
+        """count_cost * E|z| (mean over valid tokens of sum_i mu_i), through megatron's aux-loss
+        machinery (gradient scaling, logging as probmoe_expected_experts). Its gradient
+        count_cost * Cov(z) 1 / temperature lowers every logit in proportion to how much it adds
+        to the expected size: the only force on the size besides the LM loss."""
+        active_T = mu_TE.sum(dim=1)
+        if padding_mask is not None:
+            valid_T = ~padding_mask
+            valid_tokens = valid_T.sum()
+            mean_active = (active_T * valid_T).sum() / valid_tokens.clamp_min(1)
+        else:
+            valid_tokens, mean_active = active_T.shape[0], active_T.mean()
+        return self.attach_and_log_load_balancing_loss(
+            probs_TE, self.count_cost, self.count_cost * mean_active, "probmoe_expected_experts",
+            self.tp_cp_group, valid_token_count=valid_tokens)
 
     def _apply_balance_losses(self, probs_TE, logits_TE, routing_map_TE, padding_mask, seq_length, bsz):
         """megatron's aux losses on the sampled routing map (see the module docstring)."""
@@ -131,7 +162,9 @@ class ProbMoERouter(TopKRouter):
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)
         logits_TE = self.apply_z_loss(logits_TE, padding_mask=padding_mask)
-        probs_TE, routing_map_TE, entropy_T = self.select(logits_TE)
+        probs_TE, routing_map_TE, entropy_T, mu_TE = self.select(logits_TE)
+        if self.count_cost and mu_TE is not None:
+            probs_TE = self._apply_count_cost(probs_TE, mu_TE, padding_mask)
 
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             probs_TE = self._apply_balance_losses(probs_TE, logits_TE, routing_map_TE, padding_mask,

@@ -37,6 +37,12 @@ one negligible one make that hold in fp64 for every input:
    probability below E e^-R; clamping moves both by less than E e^-R (~1e-33 for R = 80), far
    below fp32 and fp64 rounding of the probabilities. log Z adds back the clamped excess.
    Gradients through clamped logits are 0 (the true ones are below E e^-R as well).
+Two implementations of the same numerics: on CPU the fused C kernel of `probmoe_native` (one pass
+over 8-token vector blocks with the tables in cache: the torch version below is bound by the
+dispatch and memory traffic of ~1000 small ops per chunk, not by arithmetic; its samples use its
+own counter-based generator seeded from the torch one), and the torch tree below, which runs on
+CUDA and wherever the kernel cannot be built. MEGATRON_GROUTER_PROBMOE_KERNEL=auto|native|torch
+chooses (auto: the kernel on CPU when it builds). The tests run both against enumeration.
 The sequential (expert by expert) DP in `probmoe_dp` is kept as the oracle the tests compare with.
 """
 
@@ -293,7 +299,7 @@ def _use_native(logits_TE: torch.Tensor, k_max: int) -> bool:
             raise UserError(f"{probmoe_native.ENV}=native is a CPU kernel but the logits are on "
                             f"{logits_TE.device.type}; unset it (CUDA runs the torch tree)")
         return False
-    if wanted == "torch" or not 1 <= k_max <= probmoe_native.MAX_K:
+    if wanted == "torch" or k_max < 1:  # k_max = 0 (only the empty subset) stays with the torch tree
         return False
     if probmoe_native.available():
         return True

@@ -65,7 +65,8 @@ def _probmoe(router, context, slots):
 
     return functools.partial(ProbMoERouter, k_min=router.probmoe.k_min,
                              inference_rule=router.probmoe.inference_rule,
-                             temperature=router.probmoe.temperature)
+                             temperature=router.probmoe.temperature,
+                             count_cost=router.probmoe.count_cost)
 
 
 _ROUTERS: dict[str, RouterKind] = {

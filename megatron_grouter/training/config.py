@@ -68,6 +68,7 @@ class ProbMoERoutingConfig:
     k_min: Optional[int] = None  # None: exact-k (k_min = model.topk); else dynamic-k in [k_min, topk]
     inference_rule: str = "map"  # map (most probable subset) | official | top_p
     temperature: float = 1.0  # selection distribution exp(z . logits / temperature); gates keep softmax(logits)
+    count_cost: float = 0.0  # dynamic-k: loss coefficient on E|z|, the expected active experts (0: none, as the paper)
 
 
 @dataclass

@@ -94,3 +94,36 @@ def test_router_never_synchronises_with_the_host_on_cuda():
         probs_TE.sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def _mean_size_after_steps(count_cost: float, steps: int = 60) -> float:
+    """Train only the router to follow a fixed random target through its gates, with count_cost."""
+    router = make_router(k_min=1, topk=4, moe_router_load_balancing_type="none")
+    router.count_cost = count_cost
+    router.train()
+    optimizer = torch.optim.SGD(router.parameters(), lr=0.5)
+    target = torch.randn(18, 8, generator=torch.Generator().manual_seed(3))
+    sizes = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        probs_TE, routing_map_TE = router(hidden())
+        (probs_TE * target).sum().backward()  # megatron's aux-loss scaler adds the count cost's gradient
+        optimizer.step()
+        sizes.append(float(routing_map_TE.sum(dim=1).float().mean()))
+    return sum(sizes[-10:]) / 10
+
+
+def test_count_cost_lowers_the_number_of_sampled_experts():
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    free, priced = _mean_size_after_steps(0.0), _mean_size_after_steps(1.0)
+    assert priced < free - 0.5, (free, priced)
+    assert priced >= 1.0
+
+
+def test_count_cost_is_refused_for_exact_k_and_when_negative():
+    with pytest.raises(UserError, match="count_cost"):
+        ProbMoERouter(router_config(), SINGLE_RANK_GROUPS, count_cost=0.1)
+    with pytest.raises(UserError, match="count_cost"):
+        ProbMoERouter(router_config(), SINGLE_RANK_GROUPS, k_min=1, count_cost=-1.0)

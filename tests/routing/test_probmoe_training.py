@@ -42,3 +42,16 @@ def test_training_subset_entropy_leaves_its_maximum_within_100_steps(stdlib_data
     late = [record["moe/subset_entropy"] for record in read_metrics(tmp_path)
             if "loss" in record and record["step"] > 100]
     assert late and max(late) < 0.98 * math.log(28)
+
+
+def test_count_cost_trains_dynamic_k_towards_fewer_experts_and_logs_the_expected_size(stdlib_data, tmp_path):
+    train_in_process([*data_overrides(stdlib_data), *MICRO_MODEL, "router=probmoe_dynamic_k_cost",
+                      "router.probmoe.count_cost=1.0", "train.steps=40", "train.warmup_steps=4",
+                      "train.eval_interval=0", "train.save_interval=-1", "train.log_interval=5",
+                      f"train.out_dir={tmp_path}"])
+    records = [record for record in read_metrics(tmp_path) if "loss" in record]
+    first, last = records[0], records[-1]
+    assert last["moe/active_experts"] < 1.5 < first["moe/active_experts"]
+    # the logged E|z| (exact, from the marginals) tracks the sampled sizes
+    assert abs(last["moe/probmoe_expected_experts"] - last["moe/active_experts"]) < 0.1
+    assert last["loss"] < first["loss"]
