@@ -174,3 +174,7 @@ def main() -> None:
                                              logits_TE, args.repeats)
                 print(f"E={num_experts:4d} k=[{k_min},{k_max}]  {label:<15} {probmoe_s * 1e3:8.2f} ms   "
                       f"topk-softmax {baseline_s * 1e3:7.2f} ms   ratio {probmoe_s / baseline_s:6.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -45,8 +45,10 @@ def topk_config_fields(router) -> dict:
 
 
 def no_balancing_fields(router) -> dict:
+    # preemptive routers form their own gates, so megatron's top-1 guard (pre_softmax, which
+    # they never read) must not refuse model.topk=1
     return dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
-                moe_z_loss_coeff=None, moe_router_dtype="fp32",
+                moe_z_loss_coeff=None, moe_router_dtype="fp32", moe_router_pre_softmax=True,
                 moe_router_topk_scaling_factor=router.topk_scaling_factor)
 
 

@@ -14,6 +14,15 @@ def config(*overrides):
     return to_train_config(compose(list(overrides)))
 
 
+def test_top1_with_pre_softmax_builds_megatrons_config():
+    from megatron_grouter.training.model import transformer_config
+
+    for router in ("aux_loss", "probmoe_exact_k", "grouter_fixed"):
+        root = config("model.topk=1", f"router={router}", "router.pre_softmax=true")
+        validate(root, world_size=1)
+        assert transformer_config(root.model, root.router, root.parallel).moe_router_topk == 1
+
+
 @pytest.mark.parametrize("overrides, world, needle", [
     (["model.topk=20"], 1, "model.topk=20"),
     (["parallel.expert=3"], 3, "not divisible by parallel.expert=3"),
@@ -34,6 +43,8 @@ def config(*overrides):
     (["train.bf16=true", "train.fp32_main_params=false"], 1, "fp32_main_params=false"),
     (["train.recompute=sometimes"], 1, "train.recompute='sometimes'"),
     (["router=grouter_fixed", "train.recompute=full"], 1, "train.recompute=full"),
+    (["model.topk=1"], 1, "router.pre_softmax=true"),
+    (["model.topk=1", "router=probmoe_exact_k"], 1, "router.pre_softmax=true"),
 ])
 def test_validation_errors_are_one_line(overrides, world, needle):
     with pytest.raises(UserError) as error:
