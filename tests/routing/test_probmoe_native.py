@@ -109,3 +109,21 @@ def test_the_build_is_cached_atomically_and_reused(tmp_path):
     second = _fresh_interpreter(code, tmp_path)
     assert second.returncode == 0 and second.stdout == first.stdout
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+@needs_compiler
+def test_a_compiler_without_openmp_builds_a_one_thread_kernel(tmp_path):
+    real = shutil.which(os.environ.get("CC", "cc"))
+    wrapper = tmp_path / "cc-without-openmp"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "no OpenMP" >&2; exit 1; }}; done\n'
+                       f'exec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    code = ("import torch\nfrom megatron_grouter.routing import probmoe_native, probmoe_tree as tree\n"
+            "from megatron_grouter.routing import probmoe_dp as dp\n"
+            "assert probmoe_native.available(), probmoe_native.failure()\n"
+            "assert probmoe_native._library.probmoe_openmp() == 0\n"
+            "x = torch.randn(50, 12, dtype=torch.float64)\n"
+            "torch.testing.assert_close(tree.marginals(x, 2, 5), dp.marginals(x, 2, 5))\n")
+    result = _fresh_interpreter(code, tmp_path, CC=str(wrapper))
+    assert result.returncode == 0, result.stderr
+    assert "with OpenMP failed" in result.stderr and "no OpenMP" in result.stderr
