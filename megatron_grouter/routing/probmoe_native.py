@@ -39,6 +39,7 @@ FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
 OPENMP = "-fopenmp"
 CHOICES = ("auto", "native", "torch")
 ENV = "MEGATRON_GROUTER_PROBMOE_KERNEL"
+CACHE_ENV = "MEGATRON_GROUTER_KERNEL_CACHE"
 
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
@@ -52,8 +53,8 @@ def choice() -> str:
     return value
 
 
-def _cache_dir() -> Path:
-    override = os.environ.get("MEGATRON_GROUTER_KERNEL_CACHE")
+def cache_dir() -> Path:
+    override = os.environ.get(CACHE_ENV)
     if override:
         return Path(override)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -75,11 +76,15 @@ def _compiler() -> str | None:
     return shutil.which(name)
 
 
+class CompileError(OSError):
+    """The compiler ran and refused (as opposed to an unwritable cache or a missing compiler)."""
+
+
 def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(flags),
                                     _cpu_signature()]).encode()).hexdigest()[:20]
-    target = _cache_dir() / f"probmoe_kernel_{key}.so"
+    target = cache_dir() / f"probmoe_kernel_{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +95,7 @@ def _build(compiler: str, flags: tuple[str, ...]) -> Path:
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
-            raise OSError(f"{compiler} {' '.join(flags)} failed: {last}")
+            raise CompileError(f"{compiler} {' '.join(flags)} failed: {last}")
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -102,7 +107,7 @@ def _build_best(compiler: str) -> Path:
     """With OpenMP if the compiler has it, else single-threaded."""
     try:
         return _build(compiler, (*FLAGS, OPENMP))
-    except OSError as error:
+    except CompileError as error:
         log.warning("ProbMoE: building the CPU kernel with OpenMP failed (%s); it will run on one thread",
                     error)
         return _build(compiler, FLAGS)

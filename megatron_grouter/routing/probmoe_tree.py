@@ -309,8 +309,9 @@ def _use_native(logits_TE: torch.Tensor, k_max: int) -> bool:
     global _fallback_logged
     if not _fallback_logged:
         _fallback_logged = True
-        log.warning("ProbMoE: native CPU kernel unavailable (%s); using the torch tree (slower)",
-                    probmoe_native.failure())
+        log.warning("ProbMoE: native CPU kernel unavailable (%s); using the torch tree (slower). It needs "
+                    "a C compiler (cc or $CC) and a writable cache (%s, or set %s)", probmoe_native.failure(),
+                    probmoe_native.cache_dir(), probmoe_native.CACHE_ENV)
     return False
 
 

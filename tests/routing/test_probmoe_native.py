@@ -127,3 +127,17 @@ def test_a_compiler_without_openmp_builds_a_one_thread_kernel(tmp_path):
     result = _fresh_interpreter(code, tmp_path, CC=str(wrapper))
     assert result.returncode == 0, result.stderr
     assert "with OpenMP failed" in result.stderr and "no OpenMP" in result.stderr
+
+
+@needs_compiler
+def test_an_unwritable_cache_falls_back_with_the_fix_in_the_log(tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    code = ("import torch\nfrom megatron_grouter.routing import probmoe_native, probmoe_tree as tree\n"
+            "assert not probmoe_native.available()\n"
+            "print(tree.marginals(torch.zeros(2, 8), 2, 2).sum().item())\n")
+    result = _fresh_interpreter(code, tmp_path, MEGATRON_GROUTER_KERNEL_CACHE=str(blocker / "kernels"))
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) == pytest.approx(4.0)
+    assert "MEGATRON_GROUTER_KERNEL_CACHE" in result.stderr and "using the torch tree" in result.stderr
+    assert "OpenMP" not in result.stderr  # the cache, not the compiler, is the problem
