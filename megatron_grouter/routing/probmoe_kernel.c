@@ -219,7 +219,7 @@ static void up_sweep(const Shape *s, vec *table) {
  * over the allowed counts; every root coefficient c <= k_max is >= 1 after the tilt, so the logs
  * are finite */
 static void root_posterior(const Shape *s, Scratch *w) {
-    const int S = s->size[s->depth], lo = s->k_min, hi = s->k_max < S - 1 ? s->k_max : S - 1;
+    const int S = s->size[s->depth], lo = s->k_min, hi = s->k_max; /* S = k_max + 1: k_max <= E <= 2^depth */
     const vec *root = node(s, w->levels, s->depth, 0);
     vec *root_out = node(s, w->outside, s->depth, 0);
     vec best = splat(-INFINITY), sum = splat(0.0);
@@ -278,7 +278,7 @@ static inline ivec imin(ivec a, ivec b) { return ((a < b) & a) | (~(a < b) & b);
  * `counts` holds one level's node counts, rewritten in place (children at 2n, 2n + 1); on return
  * its first E entries are the leaves' 0/1 picks. */
 static void sample_block(const Shape *s, Scratch *w, uvec *state, ivec *counts) {
-    const int S = s->size[s->depth], hi = s->k_max < S - 1 ? s->k_max : S - 1;
+    const int hi = s->k_max;
     ivec c = (ivec){0} + s->k_max;
     if (s->k_min < hi) {
         const vec u = uniform(state);
@@ -445,35 +445,51 @@ int probmoe_openmp(void) {
 #endif
 }
 
+typedef struct {
+    Shape shape;
+    const double *logits, *tilt, *v;
+    double *mu, *log_z, *entropy, *tilt_out, *grad;
+    unsigned char *mask;
+    uint64_t seed;
+} Job;
+
+static int forward_job(const Job *job, int begin, int end) {
+    return forward_range(&job->shape, job->logits, job->mu, job->mask, job->log_z, job->entropy, job->tilt_out,
+                         job->seed, begin, end);
+}
+
+static int covariance_job(const Job *job, int begin, int end) {
+    return covariance_range(&job->shape, job->logits, job->tilt, job->v, job->grad, begin, end);
+}
+
+/* `range` over [0, tokens), one contiguous part per thread; -1 if any part failed */
+static int run_parallel(int (*range)(const Job *, int, int), const Job *job, int tokens, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
+    {
+        int begin, end;
+        split(tokens, PARTS, PART, &begin, &end);
+        if (begin < end) failed |= range(job, begin, end);
+    }
+    return failed ? -1 : 0;
+}
+
 /* marginals mu [T, E], log Z [T], entropy [T], the tilt [T] (for the backward) and (mask not
  * NULL) one exact sample [T, E] for fp64 logits [T, E] */
 int probmoe_forward(int tokens, int experts, int k_min, int k_max, double radius, const double *logits,
                     double *mu, unsigned char *mask, double *log_z, double *entropy, double *tilt,
                     uint64_t seed, int threads) {
-    Shape s;
-    int failed = 0;
-    if (tokens < 0 || make_shape(&s, experts, k_min, k_max, radius)) return -1;
-#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
-    {
-        int begin, end;
-        split(tokens, PARTS, PART, &begin, &end);
-        if (begin < end) failed |= forward_range(&s, logits, mu, mask, log_z, entropy, tilt, seed, begin, end);
-    }
-    return failed ? -1 : 0;
+    Job job = {.logits = logits, .mu = mu, .mask = mask, .log_z = log_z, .entropy = entropy, .tilt_out = tilt,
+               .seed = seed};
+    if (tokens < 0 || make_shape(&job.shape, experts, k_min, k_max, radius)) return -1;
+    return run_parallel(forward_job, &job, tokens, threads);
 }
 
 /* grad = Cov(z) v per token, 0 on clamped logits: the forward tangent of mu along v, pushed through
  * both sweeps (see probmoe_tree); the caller adds grad_log_z mu. `tilt` is the forward's. */
 int probmoe_covariance_vector(int tokens, int experts, int k_min, int k_max, double radius, const double *logits,
                               const double *tilt, const double *v, double *grad, int threads) {
-    Shape s;
-    int failed = 0;
-    if (tokens < 0 || make_shape(&s, experts, k_min, k_max, radius)) return -1;
-#pragma omp parallel num_threads(threads > 0 ? threads : 1) reduction(| : failed)
-    {
-        int begin, end;
-        split(tokens, PARTS, PART, &begin, &end);
-        if (begin < end) failed |= covariance_range(&s, logits, tilt, v, grad, begin, end);
-    }
-    return failed ? -1 : 0;
+    Job job = {.logits = logits, .tilt = tilt, .v = v, .grad = grad};
+    if (tokens < 0 || make_shape(&job.shape, experts, k_min, k_max, radius)) return -1;
+    return run_parallel(covariance_job, &job, tokens, threads);
 }

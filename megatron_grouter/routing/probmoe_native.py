@@ -10,8 +10,8 @@ splits tokens across `torch.get_num_threads()` threads; inside a torch process t
 is torch's own (same soname, loaded once), so the kernel's threads are torch's intra-op pool and
 never compete with its spinning workers. Without OpenMP it runs on the calling thread (logged).
 
-Without a working compiler `available()` is False and the tree falls back to its torch
-implementation (logged once); `MEGATRON_GROUTER_PROBMOE_KERNEL=torch` forces that fallback,
+Without a working compiler (or a writable cache) `available()` is False and the tree falls back
+to its torch implementation (logged once, here); `MEGATRON_GROUTER_PROBMOE_KERNEL=torch` forces that fallback,
 `=native` makes a missing compiler an error instead.
 """
 
@@ -127,6 +127,8 @@ def _load_once() -> ctypes.CDLL | None:
         library = ctypes.CDLL(str(_build_best(compiler)))
     except (OSError, subprocess.SubprocessError) as error:
         _failure = str(error)
+        log.warning("ProbMoE: native CPU kernel unavailable (%s); using the torch tree (slower). It needs a C "
+                    "compiler (cc or $CC) and a writable cache (%s, or set %s)", _failure, cache_dir(), CACHE_ENV)
         return None
     pointer, i32, u64, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_double
     library.probmoe_forward.argtypes = [i32, i32, i32, i32, f64, pointer, pointer, pointer, pointer, pointer,

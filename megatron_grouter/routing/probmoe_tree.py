@@ -48,7 +48,6 @@ The sequential (expert by expert) DP in `probmoe_dp` is kept as the oracle the t
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import NamedTuple
 
@@ -58,7 +57,6 @@ from megatron_grouter.errors import UserError
 from megatron_grouter.routing import probmoe_native
 from megatron_grouter.routing.probmoe_dp import _check_logits, _check_range, _compute_dtype
 
-log = logging.getLogger(__name__)
 
 _WORK = torch.float64
 _CPU_CHUNK = 1024
@@ -306,16 +304,7 @@ def _use_native(logits_TE: torch.Tensor, k_max: int) -> bool:
     if wanted == "native":
         raise UserError(f"{probmoe_native.ENV}=native but the ProbMoE CPU kernel could not be built "
                         f"({probmoe_native.failure()}); install a C compiler or unset it")
-    global _fallback_logged
-    if not _fallback_logged:
-        _fallback_logged = True
-        log.warning("ProbMoE: native CPU kernel unavailable (%s); using the torch tree (slower). It needs "
-                    "a C compiler (cc or $CC) and a writable cache (%s, or set %s)", probmoe_native.failure(),
-                    probmoe_native.cache_dir(), probmoe_native.CACHE_ENV)
     return False
-
-
-_fallback_logged = False
 
 
 def _seed(generator: torch.Generator | None) -> int:

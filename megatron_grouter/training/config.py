@@ -322,11 +322,11 @@ def validate(root: RootConfig, world_size: int, tokenizer_vocab: int | None = No
                         f"in {model.num_layers} layers")
     from megatron_grouter.routing.registry import router_kind
 
-    kind = router_kind(router.type)
-    from megatron_grouter.routing.registry import topk_config_fields
-
-    if (kind.config_fields is topk_config_fields and model.topk == 1 and router.score_function == "softmax"
-            and not router.pre_softmax and router.load_balancing_type != "sinkhorn"):
+    # megatron's top-1 guard, on the fields the router kind really hands to TransformerConfig
+    fields = router_kind(router.type).config_fields(router)
+    if (model.topk == 1 and fields.get("moe_router_score_function", "softmax") == "softmax"
+            and not fields.get("moe_router_pre_softmax", False)
+            and fields.get("moe_router_load_balancing_type") != "sinkhorn"):
         raise UserError("model.topk=1 with softmax scores needs router.pre_softmax=true (renormalising one "
                         "chosen expert gives it weight 1.0 and the router no gradient); set it")
     if router.type == "topk" and router.load_balancing_type not in LOAD_BALANCING_TYPES:
