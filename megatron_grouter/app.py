@@ -1,4 +1,4 @@
-"""What every Hydra entry point shares: where conf/ is, and how a user error ends a run."""
+"""What every Hydra entry point shares: where the configs are, and how a user error ends a run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from typing import Callable
 
 from megatron_grouter.errors import UserError
 
-CONF_DIR = Path(os.environ.get("MG_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+# The Hydra configs ship inside the package (megatron_grouter/conf/, package data of the wheel), so
+# an installed copy finds them without a source checkout. A wheel installs unpacked, so this is a
+# real directory: hydra.main(config_path=...) and initialize_config_dir both take it as it is.
+# MG_CONF_DIR points every app at another tree of the same layout (a user's edited copy).
+CONF_DIR = Path(os.environ.get("MG_CONF_DIR") or Path(__file__).resolve().parent / "conf")
 
 
 def run_app(job: Callable, cfg) -> object:

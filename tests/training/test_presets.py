@@ -2,7 +2,7 @@
 
 (a) Small configs are built with `build_gpt_model` in a one-process gloo group and their real
 parameters, grouped by module name, must equal `count_parameters` group by group.
-(b) The four presets in conf/model are loaded the way Hydra does (yaml merged onto ModelConfig)
+(b) The four presets in megatron_grouter/conf/model are loaded the way Hydra does (yaml merged onto ModelConfig)
 and counted analytically (never built: they have 0.5-2.8B parameters) against the paper's
 Table 3 and Table 4.
 """
@@ -10,7 +10,6 @@ Table 3 and Table 4.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +18,13 @@ from megatron.core.transformer import multi_latent_attention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from omegaconf import OmegaConf
 
+from megatron_grouter.app import CONF_DIR
 from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
 from megatron_grouter.training.config import ModelConfig, ParallelConfig, RouterConfig
 from megatron_grouter.training.model import build_gpt_model
 from megatron_grouter.training.param_count import count_parameters, moe_block_parameters
 
-MODEL_CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+MODEL_CONF = CONF_DIR / "model"
 SMALL = dict(num_layers=3, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
              num_experts=4, moe_ffn_hidden_size=32, topk=2)
 VOCAB = 320
