@@ -1,6 +1,10 @@
 """megatron-grouter: preemptive and probabilistic MoE routing for NVIDIA Megatron-Core."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+README = Path(__file__).resolve().parent / "README.md"
 
 CONSOLE_SCRIPTS = [
     "mg-train=megatron_grouter.train:main",
@@ -21,16 +25,21 @@ setup(
     name="megatron-grouter",
     version="0.1.0",
     description="Preemptive (Grouter) and probabilistic (ProbMoE) routing for Megatron-Core MoE",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=README.read_text(encoding="utf-8") if README.is_file() else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["megatron_grouter", "megatron_grouter.*"]),
-    package_data={"megatron_grouter": ["conf/**/*.yaml", "conf/*.yaml", "routing/*.c"]},
-    include_package_data=True,
+    # The Hydra configs (every app's config dir, see megatron_grouter/app.py) and the C source of the
+    # routing kernel (compiled at first use) are package data. `**` is a recursive glob (setuptools
+    # >= 62.3, pyproject.toml's build-system): it also matches conf/config.yaml itself.
+    package_data={"megatron_grouter": ["conf/**/*.yaml", "routing/*.c"]},
     install_requires=[
-        "torch==2.13.0",
-        "megatron-core==0.16.1",
+        # Ranges, never pins: a library must not replace the torch / megatron-core a user (or
+        # NVIDIA's container) already has. torch>=2.6 is megatron-core 0.16.1's own floor; no upper
+        # bound on torch. megatron-core: tested with 0.16.1 (Python 3.11) and 0.19.2 (Python 3.12).
+        "torch>=2.6",
+        "megatron-core>=0.16.1,<0.20",
         "hydra-core>=1.3,<1.4",
         "omegaconf>=2.3",
         "numpy",
@@ -48,9 +57,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        # GPU images: Transformer Engine and apex come with NVIDIA's PyTorch container
-        # (see Dockerfile); installing them from PyPI needs CUDA and a compiler.
-        "gpu": ["transformer-engine[pytorch]", "apex"],
+        # Optional: Transformer Engine (and NVIDIA apex) come with NVIDIA's PyTorch container (see
+        # Dockerfile); installing TE from PyPI needs CUDA and a compiler. NVIDIA apex is not on
+        # PyPI (the PyPI package named "apex" is unrelated): build it from github.com/NVIDIA/apex.
+        "gpu": ["transformer-engine[pytorch]"],
         "test": ["pytest>=8", "datasets"],  # datasets: writes real save_to_disk directories
     },
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
