@@ -23,11 +23,12 @@ log = logging.getLogger("megatron_grouter")
 
 
 def build_trainer(root, layout):
-    """Data, model, optimizer and the routing/dispatch hooks of a composed config."""
-    from megatron_grouter.dispatch.setup import build_dispatch_hook
+    """Data, model, optimizer, and for preemptive routers what routes each micro-batch."""
+    from megatron_grouter.dispatch.setup import build_dispatch_planner
     from megatron_grouter.placement.plan_state import PlanIdentityHook
-    from megatron_grouter.placement.training_plan import load_training_plan, traffic_hook
-    from megatron_grouter.routing.setup import build_routing_hook
+    from megatron_grouter.placement.training_plan import load_training_plan, traffic_meter
+    from megatron_grouter.routing.registry import router_kind
+    from megatron_grouter.routing.setup import build_preemptive_routing
     from megatron_grouter.runtime.seed import set_seed
     from megatron_grouter.training.config import validate
     from megatron_grouter.training.data_setup import prepare_datasets
@@ -37,18 +38,18 @@ def build_trainer(root, layout):
     data = prepare_datasets(root, layout)
     validate(root, layout.world_size, tokenizer_vocab=data.tokenizer.vocab_size)
     planned = load_training_plan(root, data.prefix, data.train)
-    trainer = Trainer(root, layout, data.train, data.valid, vocab_size=data.model_vocab_size,
-                      **(planned.trainer_arguments() if planned else {}))
+    arguments = planned.trainer_arguments() if planned else {}
+    trainer = Trainer(root, layout, data.train, data.valid, vocab_size=data.model_vocab_size, **arguments)
     trainer.hooks.append(PlanIdentityHook(planned.plan if planned else None, root.router.grouter.plan))
-    hook = build_routing_hook(root, trainer, data.prefix, data.tokenizer, layout.device)
-    if hook is not None:
-        trainer.hooks.append(hook)
-    dispatch_hook = build_dispatch_hook(root, trainer, hook, planned)
-    if dispatch_hook is not None:  # after the routing hook: plans the same micro-batch
-        trainer.hooks.append(dispatch_hook)
-    traffic = traffic_hook(root, planned.plan if planned else None, hook)
-    if traffic is not None:  # after the routing hook: it reads the routing that hook set
+    preemptive = router_kind(root.router.type).preemptive
+    planner = build_dispatch_planner(root, trainer, preemptive, planned)
+    traffic = traffic_meter(root, planned.plan if planned else None)
+    if traffic is not None:
         trainer.hooks.append(traffic)
+    trainer.routing_provider = build_preemptive_routing(
+        root, data.prefix, data.tokenizer, trainer.vocab_size, layout.device,
+        slot_of_expert=arguments.get("slot_of_expert"), planner=planner,
+        observers=[traffic] if traffic is not None else [])
     return trainer
 
 

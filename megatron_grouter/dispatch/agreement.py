@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_grouter.dispatch.context import DispatchPlanMismatch
+from megatron_grouter.dispatch.plan import DispatchPlanMismatch
 from megatron_grouter.dispatch.plan import DispatchPlan
 
 all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)

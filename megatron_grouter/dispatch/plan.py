@@ -15,7 +15,10 @@ from functools import cached_property
 
 import torch
 
-from megatron_grouter.routing.preemptive_router import threshold_mask
+
+
+class DispatchPlanMismatch(RuntimeError):
+    """A plan out of step with the routing (verify mode), or ranks holding different plans."""
 
 
 @dataclass(frozen=True)
@@ -81,18 +84,14 @@ def routed_expert_counts(indices_TK: torch.Tensor, num_experts: int,
                          weights_TK: torch.Tensor | None = None,
                          activation_threshold: float | None = None,
                          scaling_factor: float = 1.0) -> torch.Tensor:
-    """Token copies per expert slot, [E], for tokens routed to source experts `indices_TK`.
+    """Token copies per expert slot, [E], for tokens routed to source experts `indices_TK`:
+    `routing.microbatch`'s routing of them, counted (the routers' own rule, not a copy of it)."""
+    from megatron_grouter.routing.microbatch import RoutingRule, copies_per_slot, route_tokens
 
-    Mirrors the preemptive routers: source expert g lands in slot slot_of_expert[g]; with a
-    dynamic activation threshold, the experts the router drops are not counted.
-    """
-    slots_TK = indices_TK.long().cpu()
-    if slot_of_expert is not None:
-        slots_TK = slot_of_expert.long().cpu()[slots_TK]
-    if activation_threshold is not None:
-        if weights_TK is None:
-            raise ValueError("counting with an activation threshold needs the gate weights")
-        weights_TK = weights_TK.float().cpu() * scaling_factor  # as FixedRouter compares them
-        keep_TK = threshold_mask(weights_TK, activation_threshold * scaling_factor) & (weights_TK > 0)
-        slots_TK = slots_TK[keep_TK]
-    return torch.bincount(slots_TK.reshape(-1), minlength=num_experts)
+    if activation_threshold is not None and weights_TK is None:
+        raise ValueError("counting with an activation threshold needs the gate weights")
+    if weights_TK is None:
+        weights_TK = torch.ones(indices_TK.shape)
+    rule = RoutingRule(num_experts, None if slot_of_expert is None else slot_of_expert.long().cpu(),
+                       scaling_factor, activation_threshold)
+    return copies_per_slot(route_tokens(indices_TK.cpu(), weights_TK.cpu(), rule), num_experts)

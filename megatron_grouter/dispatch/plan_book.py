@@ -62,22 +62,25 @@ def _micro_batch_ids(plan, micro_batch_size: int, dp_size: int) -> np.ndarray:
 
 def build_counts(plan, topk_SLK: np.ndarray, micro_batch_size: int, dp_size: int,
                  chunk_pairs: int = 1 << 24) -> np.ndarray:
-    """counts_QXMRE: token copies per expert slot of every micro-batch (slots = the plan's),
-    in chunks of whole steps of about `chunk_pairs` token-expert pairs."""
+    """counts_QXMRE: token copies per expert slot of every micro-batch (slots = the plan's), counted
+    by the routers' own rule (routing.microbatch), in chunks of whole steps of about `chunk_pairs`
+    token-expert pairs."""
+    from megatron_grouter.routing.microbatch import RoutingRule, copies_per_slot, route_tokens
+
     ids_QXMRB = _micro_batch_ids(plan, micro_batch_size, dp_size)
     chunk_steps = max(1, chunk_pairs // max(1, plan.global_batch * topk_SLK.shape[1] * topk_SLK.shape[2]))
     num_experts = plan.num_experts
-    slot_of_expert = plan.expert_to_slot()
+    rule = RoutingRule(num_experts, torch.from_numpy(plan.expert_to_slot()).long())
     shape = (*ids_QXMRB.shape[:4], num_experts)
     groups = int(np.prod(ids_QXMRB.shape[1:4]))
     counts = np.empty(shape, dtype=np.int32)
     for start in range(0, shape[0], chunk_steps):
         ids = ids_QXMRB[start:start + chunk_steps]
         steps = ids.shape[0]
-        slots_GP = slot_of_expert[topk_SLK[ids.reshape(steps * groups, -1)]].reshape(steps * groups, -1)
-        offsets_G1 = (np.arange(steps * groups, dtype=np.int64) * num_experts)[:, None]
-        flat = np.bincount((slots_GP + offsets_G1).ravel(), minlength=steps * groups * num_experts)
-        counts[start:start + steps] = flat.reshape(steps, *shape[1:])
+        experts = torch.from_numpy(np.ascontiguousarray(topk_SLK[ids.reshape(steps * groups, -1)]))
+        routed = route_tokens(experts, torch.ones(experts.shape), rule)
+        per_group = copies_per_slot(routed, num_experts, groups=steps * groups)
+        counts[start:start + steps] = per_group.reshape(steps, *shape[1:]).numpy()
     return counts
 
 

@@ -7,7 +7,10 @@ Path of one MoE layer (EP ranks p, local experts l, L per rank):
 Within each expert the tokens arrive in the order megatron's allgather dispatcher gives them
 (source rank, then token index), so both compute the same expert inputs.
 
-With a plan in the DispatchContext there is no count collective and no device→host sync: the
+It enters megatron through our layer spec: `training/moe_layer.py`'s PluginMoELayer (the spec's
+layer class) builds it in its constructor, with the layer's own process groups. The plan of the
+running micro-batch is part of that micro-batch's routing (`MicroBatchRouting.plan`, read
+through the RoutingContext the forward step fills). With a plan there is no count collective and no device→host sync: the
 split sizes and the tokens per local expert are host integers, and tokens are permuted with a
 stable sort whose output length is known in advance (a masked_select would sync). Without a plan
 the dispatcher all-gathers its counts over the EP group and copies them to the host, once per
@@ -20,14 +23,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import utils
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import permute, unpermute
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_grouter.dispatch.context import DispatchContext, DispatchPlanMismatch
 from megatron_grouter.dispatch.exchange import exchange_rows
-from megatron_grouter.dispatch.plan import DispatchPlan, RankSplits
+from megatron_grouter.dispatch.plan import DispatchPlan, DispatchPlanMismatch, RankSplits
 from megatron_grouter.errors import UserError
+from megatron_grouter.routing.context import RoutingContext
 
 # torch ≥ 2.11 renamed all_gather_into_tensor (the old name warns).
 all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
@@ -63,12 +65,14 @@ def reorder_chunks(rows: torch.Tensor, sizes: list[int], order: list[int]) -> to
 
 class PlannedAllToAllDispatcher(MoETokenDispatcher):
     def __init__(self, num_local_experts: int, local_expert_indices: list[int], config,
-                 pg_collection: ProcessGroupCollection, *, context: DispatchContext):
+                 pg_collection: ProcessGroupCollection, *, context: RoutingContext, verify: bool = False):
         super().__init__(config=config, pg_collection=pg_collection)
         if self.tp_size > 1:
             raise UserError("the planned dispatcher supports expert tensor parallel size 1; set "
                             "parallel.tensor=1 or use parallel.dispatcher=alltoall")
         self.context = context
+        # debug mode: every layer compares the plan with its router's routing (one host copy)
+        self.verify = verify
         self.num_experts = config.num_moe_experts
         self.num_local_experts = num_local_experts
         self.ep_rank = utils.get_pg_rank(self.ep_group)
@@ -99,7 +103,7 @@ class PlannedAllToAllDispatcher(MoETokenDispatcher):
         if plan.tokens_per_expert_RE.shape != (self.ep_size, self.num_experts):
             raise DispatchPlanMismatch(f"dispatch plan is {tuple(plan.tokens_per_expert_RE.shape)} "
                                        f"but this layer needs [EP={self.ep_size}, E={self.num_experts}]")
-        if self.context.verify:
+        if self.verify:
             routed_E = routing_map_TE.sum(0).cpu()
             planned_E = plan.tokens_per_expert_RE[self.ep_rank]
             if not torch.equal(routed_E, planned_E):
@@ -153,19 +157,3 @@ class PlannedAllToAllDispatcher(MoETokenDispatcher):
                               fused=self.config.moe_permute_fusion)
         self.splits = None
         return tokens_TH.view(self.hidden_shape)
-
-
-def install_planned_dispatchers(model: torch.nn.Module, context: DispatchContext) -> int:
-    """Replace the token dispatcher of every MoELayer in `model`; returns how many were replaced.
-
-    megatron builds each layer with its own dispatcher first; the process groups are taken from it.
-    """
-    layers = [module for module in model.modules() if isinstance(module, MoELayer)]
-    for layer in layers:
-        built = layer.token_dispatcher
-        groups = ProcessGroupCollection()
-        groups.ep, groups.expt_tp, groups.tp_ep = built.ep_group, built.tp_group, built.tp_ep_group
-        layer.token_dispatcher = PlannedAllToAllDispatcher(
-            layer.num_local_experts, layer.local_expert_indices, layer.config,
-            pg_collection=groups, context=context)
-    return len(layers)

@@ -30,11 +30,5 @@ class PlanIdentityHook:
             raise UserError(f"the checkpoint was trained under {trained}, this run uses {now}; resume with "
                             "the run's own router.grouter.plan or start a new train.out_dir")
 
-    def before_forward(self, trainer, batch) -> None:
-        pass
-
-    def after_forward(self, trainer, batch) -> None:
-        pass
-
     def step_metrics(self, trainer) -> dict:
         return {}

@@ -38,30 +38,27 @@ def token_traffic(indices_TK: np.ndarray, expert_to_rank: np.ndarray, rank: int,
             "sends_node": _remote_distinct(node_TK, node)}
 
 
-class EPTrafficHook:
-    """Trainer hook: counts each micro-batch's traffic after the routing hook filled the context,
-    and reports the step's totals (summed over ranks) as `ep/*` metrics."""
+class EPTrafficMeter:
+    """Counts each training micro-batch's traffic from its routing (expert slots: EP rank r holds
+    slots [r·L, (r+1)·L), whatever the placement plan put there) and reports the step's totals,
+    summed over ranks, as `ep/*` metrics. A routing observer and a trainer hook."""
 
-    def __init__(self, routing_hook, expert_to_rank: np.ndarray, ep_rank: int, ranks_per_node: int,
-                 group=None):
-        self.routing_hook = routing_hook  # runs first: its host routing is this rank's batch
-        self.expert_to_rank = np.asarray(expert_to_rank, dtype=np.int64)
+    def __init__(self, num_experts: int, ep_size: int, ep_rank: int, ranks_per_node: int, group=None):
+        self.rank_of_slot = np.arange(num_experts, dtype=np.int64) // (num_experts // ep_size)
         self.ep_rank = ep_rank
         self.ranks_per_node = ranks_per_node
         self.group = group
         self.totals = dict.fromkeys(FIELDS, 0)
 
-    def before_forward(self, trainer, batch) -> None:
-        if not trainer.training:  # evaluation traffic is not training traffic
+    def observe(self, routings: list, training: bool) -> None:
+        if not training:  # evaluation traffic is not training traffic
             return
-        indices_SBK = self.routing_hook.host_routing.indices_SBK
-        counts = token_traffic(indices_SBK.reshape(-1, indices_SBK.shape[-1]).numpy(), self.expert_to_rank,
-                               self.ep_rank, self.ranks_per_node)
-        for name, value in counts.items():
-            self.totals[name] += value
-
-    def after_forward(self, trainer, batch) -> None:
-        pass
+        for routing in routings:
+            slots_SBK = routing.tokens_SBK.slots
+            counts = token_traffic(slots_SBK.reshape(-1, slots_SBK.shape[-1]).numpy(), self.rank_of_slot,
+                                   self.ep_rank, self.ranks_per_node)
+            for name, value in counts.items():
+                self.totals[name] += value
 
     def step_metrics(self, trainer) -> dict:
         summed = all_reduce_host(torch.tensor([self.totals[name] for name in FIELDS], dtype=torch.float64),

@@ -11,14 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from megatron_grouter.errors import UserError
-from megatron_grouter.placement.layout import contiguous_expert_to_rank
 from megatron_grouter.placement.plan import Plan
 from megatron_grouter.placement.schedule import PlannedSchedule
-from megatron_grouter.placement.traffic import EPTrafficHook
+from megatron_grouter.placement.traffic import EPTrafficMeter
 from megatron_grouter.placement.training_samples import cache_fingerprint, sample_order_fingerprint
 
 log = logging.getLogger("megatron_grouter")
@@ -90,16 +88,14 @@ def load_training_plan(root, prefix: str, train_dataset) -> TrainingPlan | None:
     return TrainingPlan(plan, PlannedSchedule(plan, parallel_state.get_data_parallel_world_size()))
 
 
-def traffic_hook(root, plan: Plan | None, routing_hook) -> EPTrafficHook | None:
+def traffic_meter(root, plan: Plan | None) -> EPTrafficMeter | None:
     """EP traffic metrics for preemptive Grouter routing under expert parallelism (or a plan)."""
     from megatron.core import parallel_state
 
     from megatron_grouter.routing.registry import router_kind
 
-    if routing_hook is None or not router_kind(root.router.type).preemptive or (
-            root.parallel.expert == 1 and plan is None):
+    if not router_kind(root.router.type).preemptive or (root.parallel.expert == 1 and plan is None):
         return None
-    expert_to_rank = plan.expert_to_rank() if plan is not None else \
-        contiguous_expert_to_rank(root.model.num_experts, root.parallel.expert)
-    return EPTrafficHook(routing_hook, np.asarray(expert_to_rank), parallel_state.get_expert_model_parallel_rank(),
-                         root.parallel.ranks_per_node, group=parallel_state.get_data_parallel_group())
+    return EPTrafficMeter(root.model.num_experts, root.parallel.expert,
+                          parallel_state.get_expert_model_parallel_rank(), root.parallel.ranks_per_node,
+                          group=parallel_state.get_data_parallel_group())

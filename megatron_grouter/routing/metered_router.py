@@ -15,8 +15,9 @@ class LoadMeter(torch.nn.Module):
     """Accumulates the tokens routed to each expert (and, for routers that report one, the
     per-token routing entropy); not part of the state dict."""
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, entropy_metric: str = "subset_entropy"):
         super().__init__()
+        self.entropy_metric = entropy_metric  # logged as moe/<entropy_metric>
         self.register_buffer("tokens_per_expert_E", torch.zeros(num_experts), persistent=False)
         self.register_buffer("entropy_sum_tokens", torch.zeros(2, dtype=torch.float64), persistent=False)
 
@@ -45,8 +46,8 @@ class LoadMeter(torch.nn.Module):
 class MeteredTopKRouter(TopKRouter):
     """TopKRouter (aux loss, seq aux loss, sinkhorn, z-loss, expert bias) plus a load meter."""
 
-    def __init__(self, config, pg_collection=None):
-        super().__init__(config=config, pg_collection=pg_collection)
+    def __init__(self, config, pg_collection=None, **megatron_kwargs):
+        super().__init__(config=config, pg_collection=pg_collection, **megatron_kwargs)
         self.load_meter = LoadMeter(config.num_moe_experts)
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):

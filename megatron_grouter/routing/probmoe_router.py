@@ -88,9 +88,9 @@ class ProbMoERouter(TopKRouter):
 
     def __init__(self, config, pg_collection=None, *, k_min: int | None = None,
                  inference_rule: InferenceRule = "map", temperature: float = 1.0, count_cost: float = 0.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, **megatron_kwargs):
         _refuse_unsupported(config)
-        super().__init__(config=config, pg_collection=pg_collection)
+        super().__init__(config=config, pg_collection=pg_collection, **megatron_kwargs)
         self.k_max = config.moe_router_topk
         self.k_min = self.k_max if k_min is None else k_min
         if not 1 <= self.k_min <= self.k_max <= self.num_experts:

@@ -1,9 +1,9 @@
 """Routers by `router.type`: how to build the class megatron's MoELayer instantiates, and which
 TransformerConfig fields it needs.
 
-megatron builds a router as `submodules.router(config=..., pg_collection=...)`; a router that
-needs more (the RoutingContext, an expert permutation) is handed over as a `functools.partial`.
-Adding a router touches only this table.
+megatron builds a router as `submodules.router(config=..., pg_collection=...)` (0.17+ also
+passes `is_mtp_layer`); a router that needs more (the RoutingContext) is handed over as a
+`functools.partial` in our layer spec (training/model.py). Adding a router touches only this table.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable
-
-import torch
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.routing.context import RoutingContext
@@ -22,8 +20,8 @@ from megatron_grouter.routing.preemptive_router import FixedRouter, HybridRouter
 
 @dataclass(frozen=True)
 class RouterKind:
-    # (RouterConfig, RoutingContext, slot_of_expert or None) -> what MoESubmodules.router holds
-    builder: Callable[[Any, RoutingContext, torch.Tensor | None], Callable]
+    # (RouterConfig, RoutingContext) -> what MoESubmodules.router holds
+    builder: Callable[[Any, RoutingContext], Callable]
     config_fields: Callable[[Any], dict]  # RouterConfig -> TransformerConfig kwargs
     preemptive: bool = False
 
@@ -52,17 +50,11 @@ def no_balancing_fields(router) -> dict:
                 moe_router_topk_scaling_factor=router.topk_scaling_factor)
 
 
-def _fixed(router, context, slots):
-    return functools.partial(FixedRouter, context=context, slot_of_expert=slots,
-                             scaling_factor=router.grouter.scaling_factor,
-                             activation_threshold=router.grouter.activation_threshold)
+def _preemptive(router_class):
+    return lambda router, context: functools.partial(router_class, context=context)
 
 
-def _hybrid(router, context, slots):
-    return functools.partial(HybridRouter, context=context, slot_of_expert=slots)
-
-
-def _probmoe(router, context, slots):
+def _probmoe(router, context):
     from megatron_grouter.routing.probmoe_router import ProbMoERouter
 
     return functools.partial(ProbMoERouter, k_min=router.probmoe.k_min,
@@ -72,10 +64,10 @@ def _probmoe(router, context, slots):
 
 
 _ROUTERS: dict[str, RouterKind] = {
-    "topk": RouterKind(lambda router, context, slots: MeteredTopKRouter, topk_config_fields),
-    "grouter_fixed": RouterKind(_fixed, no_balancing_fields, preemptive=True),
-    "grouter_hybrid": RouterKind(_hybrid, no_balancing_fields, preemptive=True),
-    "hash": RouterKind(_hybrid, no_balancing_fields, preemptive=True),
+    "topk": RouterKind(lambda router, context: MeteredTopKRouter, topk_config_fields),
+    "grouter_fixed": RouterKind(_preemptive(FixedRouter), no_balancing_fields, preemptive=True),
+    "grouter_hybrid": RouterKind(_preemptive(HybridRouter), no_balancing_fields, preemptive=True),
+    "hash": RouterKind(_preemptive(HybridRouter), no_balancing_fields, preemptive=True),
     "probmoe": RouterKind(_probmoe, topk_config_fields),
 }
 

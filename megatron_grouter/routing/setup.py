@@ -1,4 +1,4 @@
-"""Turns the router config into the routing source and trainer hook a preemptive router needs."""
+"""Turns the router config into the routing source, rule and provider a preemptive router needs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.routing.registry import router_kind
-from megatron_grouter.routing.sources import (CachedRoutingSource, HashTableSource,
-                                              OnlineGrouterSource, PreemptiveRoutingHook)
+from megatron_grouter.routing.microbatch import RoutingRule
+from megatron_grouter.routing.provider import PreemptiveRouting
+from megatron_grouter.routing.sources import CachedRoutingSource, HashTableSource, OnlineGrouterSource
 
 log = logging.getLogger("megatron_grouter")
 
@@ -79,36 +80,53 @@ def build_hash_source(root, prefix: str, tokenizer, vocab_size: int) -> HashTabl
     return HashTableSource(torch.from_numpy(np.asarray(table_VK)))
 
 
-def build_routing_hook(root, trainer, prefix: str, tokenizer, device: torch.device):
-    """The hook that feeds the model's RoutingContext, or None for learned routers."""
+def routing_rule(root, slot_of_expert: torch.Tensor | None = None) -> RoutingRule:
+    """The run's rule from source top-k to layer routing: the placement's slots; for the fixed
+    router also the source weights' scaling and the dynamic activation threshold."""
+    slots = None if slot_of_expert is None else slot_of_expert.long().cpu()
+    if root.router.type != "grouter_fixed":
+        return RoutingRule(root.model.num_experts, slots)
+    settings = root.router.grouter
+    return RoutingRule(root.model.num_experts, slots, settings.scaling_factor, settings.activation_threshold)
+
+
+def build_routing_source(root, prefix: str, tokenizer, vocab_size: int, device: torch.device):
+    """(source, sees_future_tokens) of a preemptive router."""
+    if root.router.type == "hash":
+        return build_hash_source(root, prefix, tokenizer, vocab_size), False
+    grouter, fingerprint = load_configured_grouter(root, tokenizer, device)
+    settings = root.router.grouter
+    if settings.source == "online":
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        from megatron_grouter.routing.windows import DocumentWindows, OnlineGrouterRouting
+
+        windows = DocumentWindows(IndexedDataset(prefix, mmap=True), grouter.config.max_seq_length)
+        source = OnlineGrouterSource(OnlineGrouterRouting(grouter, windows, device))
+    elif settings.source == "cached":
+        from megatron_grouter.data.routing_cache import open_cache
+
+        cache_dir = settings.cache or default_cache_dir(prefix, fingerprint)
+        cache = open_cache(cache_dir, prefix, grouter_fingerprint=fingerprint,
+                           num_experts=root.model.num_experts, topk=root.model.topk)
+        if cache.manifest["window"] != grouter.config.max_seq_length:
+            raise UserError(f"routing cache {cache_dir} used window {cache.manifest['window']} but "
+                            f"the Grouter's is {grouter.config.max_seq_length}; predispatch again")
+        source = CachedRoutingSource(cache)
+    else:
+        raise UserError(f"router.grouter.source={settings.source!r}: choose online or cached")
+    sees_future = grouter.config.sees_future_tokens
+    log.info("router %s: Grouter %s (%s routing, %s)", root.router.name, settings.path, settings.source,
+             SEES_FUTURE_TOKENS.upper() if sees_future else "causal")
+    return source, sees_future
+
+
+def build_preemptive_routing(root, prefix: str, tokenizer, vocab_size: int, device: torch.device,
+                             slot_of_expert: torch.Tensor | None = None, planner=None,
+                             observers: list | None = None) -> PreemptiveRouting | None:
+    """What routes each micro-batch before the schedule runs, or None for learned routers."""
     if not router_kind(root.router.type).preemptive:
         return None
-    if root.router.type == "hash":
-        source = build_hash_source(root, prefix, tokenizer, trainer.vocab_size)
-    else:
-        grouter, fingerprint = load_configured_grouter(root, tokenizer, device)
-        settings = root.router.grouter
-        if settings.source == "online":
-            from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-            from megatron_grouter.routing.windows import DocumentWindows, OnlineGrouterRouting
-
-            windows = DocumentWindows(IndexedDataset(prefix, mmap=True), grouter.config.max_seq_length)
-            source = OnlineGrouterSource(OnlineGrouterRouting(grouter, windows, device))
-        elif settings.source == "cached":
-            from megatron_grouter.data.routing_cache import open_cache
-
-            cache_dir = settings.cache or default_cache_dir(prefix, fingerprint)
-            cache = open_cache(cache_dir, prefix, grouter_fingerprint=fingerprint,
-                               num_experts=root.model.num_experts, topk=root.model.topk)
-            if cache.manifest["window"] != grouter.config.max_seq_length:
-                raise UserError(f"routing cache {cache_dir} used window {cache.manifest['window']} but "
-                                f"the Grouter's is {grouter.config.max_seq_length}; predispatch again")
-            source = CachedRoutingSource(cache)
-        else:
-            raise UserError(f"router.grouter.source={settings.source!r}: choose online or cached")
-        sees_future = grouter.config.sees_future_tokens
-        log.info("router %s: Grouter %s (%s routing, %s)", root.router.name, settings.path, settings.source,
-                 SEES_FUTURE_TOKENS.upper() if sees_future else "causal")
-        return PreemptiveRoutingHook(source, trainer.routing_context, sees_future_tokens=sees_future)
-    return PreemptiveRoutingHook(source, trainer.routing_context)
+    source, sees_future = build_routing_source(root, prefix, tokenizer, vocab_size, device)
+    return PreemptiveRouting(source, routing_rule(root, slot_of_expert), device, planner=planner,
+                             sees_future_tokens=sees_future, observers=observers)

@@ -1,9 +1,10 @@
 """Answers megatron-core's CUDA assumptions on machines without CUDA.
 
-megatron-core 0.16.1 runs its GPT/MoE model on CPU with gloo once a few places that assume a
-CUDA device are answered. Every answer lives here, is applied only when CUDA is absent, and
-is idempotent. On CUDA machines `apply_cpu_compat()` only answers the one gap that is about
-Transformer Engine rather than CUDA (a GPU image without TE hits it too; seen on an H200).
+megatron-core runs its GPT/MoE model on CPU with gloo once a few places that assume a CUDA
+device are answered. Every answer lives in `ANSWERS` below with the megatron-core releases that
+need it (read against 0.16.1, 0.17.1, 0.18.2 and 0.19.2; `megatron_compat.needs`) and whether it
+is about CUDA (applied only without CUDA) or about a missing Transformer Engine (applied on any
+device: a GPU image without TE hits it too; seen on an H200). Each is applied once per process.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-_APPLIED = False
+from megatron_grouter.megatron_compat import needs
 
 
 class CpuRNGStatesTracker:
@@ -67,8 +70,9 @@ class CpuRNGStatesTracker:
 
 
 def _answer_missing_transformer_engine() -> None:
-    """router_gating_linear names te_general_gemm, which only exists when Transformer Engine
-    imports (NameError otherwise, on CPU and on GPUs without TE); None selects its torch.mm path."""
+    """router_gating_linear names te_general_gemm, which 0.16.x only binds when Transformer Engine
+    imports (NameError otherwise, on CPU and on GPUs without TE); None selects its torch.mm path.
+    0.17.0+ binds it to None itself."""
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
@@ -177,29 +181,62 @@ def _answer_optimizer_and_schedule_assumptions() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = _move_to_host
 
 
-def apply_cpu_compat() -> None:
-    """Patch the CUDA-only spots of megatron-core; a no-op when CUDA is available."""
-    global _APPLIED
-    _answer_missing_transformer_engine()
-    if _APPLIED or torch.cuda.is_available():
-        return
-
-    # 1. Buffers (DotProductAttention, GlobalMemoryBuffer) are allocated on
-    #    torch.cuda.current_device(); answer with the CPU device.
+def _answer_cuda_device_buffers() -> None:
+    """DotProductAttention and GlobalMemoryBuffer allocate on torch.cuda.current_device()."""
     torch.cuda.current_device = lambda: torch.device("cpu")
 
-    # 2. The model-parallel RNG tracker forks CUDA generator states; track CPU states instead.
+
+def _answer_rng_tracker() -> None:
+    """The model-parallel RNG tracker forks CUDA generator states; track CPU states instead, and
+    activation recomputation's save/restore of the (absent) CUDA generator becomes a no-op."""
     from megatron.core.tensor_parallel import random as mp_random
 
     mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    # ...and activation recomputation saves/restores the CUDA generator beside the CPU one and
-    # the tracker's: there is no CUDA generator here (the other two are saved as usual).
     mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
     mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
-    # 3. dist_checkpointing's async filesystem writer synchronises CUDA after its copies to CPU.
+
+def _answer_checkpoint_synchronize() -> None:
+    """dist_checkpointing's async filesystem writer synchronises CUDA after its copies to CPU."""
     torch.cuda.synchronize = lambda *args, **kwargs: None
 
-    _answer_optimizer_and_schedule_assumptions()
-    _APPLIED = True
+
+@dataclass(frozen=True)
+class Answer:
+    name: str
+    lowest: str  # first megatron-core release that needs it
+    below: str | None  # first release that no longer does (None: every supported one so far)
+    cpu_only: bool
+    apply: Callable[[], None]
+
+
+ANSWERS = (
+    Answer("te_general_gemm bound when Transformer Engine is missing", "0.16.1", "0.17.0", False,
+           _answer_missing_transformer_engine),
+    Answer("CUDA device for buffers", "0.16.1", None, True, _answer_cuda_device_buffers),
+    Answer("CPU model-parallel RNG tracker", "0.16.1", None, True, _answer_rng_tracker),
+    Answer("no-op CUDA synchronize in the checkpoint writer", "0.16.1", None, True,
+           _answer_checkpoint_synchronize),
+    Answer("optimizer, clipping, schedules and all-to-all dispatcher on CPU tensors", "0.16.1", None, True,
+           _answer_optimizer_and_schedule_assumptions),
+)
+_APPLIED: set[str] = set()
+
+
+def answers_for(version: str, cuda: bool) -> list[str]:
+    """Names of the answers a process with megatron-core `version` (and CUDA or not) gets."""
+    return [answer.name for answer in ANSWERS
+            if (not answer.cpu_only or not cuda) and needs(answer.lowest, answer.below, version)]
+
+
+def apply_cpu_compat() -> list[str]:
+    """Apply the answers this megatron-core and device need (once each); returns their names."""
+    from megatron_grouter.megatron_compat import installed_version
+
+    wanted = answers_for(installed_version(), torch.cuda.is_available())
+    for answer in ANSWERS:
+        if answer.name in wanted and answer.name not in _APPLIED:
+            answer.apply()
+            _APPLIED.add(answer.name)
+    return wanted

@@ -27,13 +27,17 @@ class MicroBatch:
     token_positions_BS: np.ndarray | None = None
     # Which micro-batch of this rank's step this is (0-based); -1 outside a training step.
     micro_batch_index: int = -1
+    # Preemptive routing of these tokens (routing.microbatch.MicroBatchRouting), attached before
+    # the schedule runs and handed to the MoE layers by the forward step; None for learned routers.
+    routing: object | None = None
 
     def to(self, device: torch.device) -> "MicroBatch":
         tensors = (self.tokens_BS, self.labels_BS, self.loss_mask_BS, self.position_ids_BS,
                    self.sample_ids_B)
         return MicroBatch(*(tensor.to(device, non_blocking=True) for tensor in tensors),
                           token_positions_BS=self.token_positions_BS,
-                          micro_batch_index=self.micro_batch_index)
+                          micro_batch_index=self.micro_batch_index,
+                          routing=None if self.routing is None else self.routing.to(device, non_blocking=True))
 
 
 def _as_tensor(value) -> torch.Tensor:

@@ -1,11 +1,16 @@
 """Builds megatron-core's GPTModel with MoE layers from our configs.
 
 Layer specs: Transformer Engine's when it imports (GPU images), megatron-core's local spec
-otherwise. The router of every MoE layer is the one the router config names (see
-routing/registry.py), plugged in through MoESubmodules.router.
+otherwise. Every MoE layer of the spec becomes our `PluginMoELayer` with the router the router
+config names (routing/registry.py) in `MoESubmodules.router`, and, with
+`parallel.dispatcher=planned`, our planned all-to-all dispatcher — megatron's own extension point
+(the layer spec), read the way each supported release writes it (megatron_compat.py). After
+the build, `check_plugin_layers` refuses a model in which any MoE layer escaped the spec.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from megatron.core import parallel_state
@@ -14,11 +19,12 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megatron_grouter.dispatch.context import DispatchContext
-from megatron_grouter.dispatch.planned_dispatcher import install_planned_dispatchers
+from megatron_grouter.dispatch.planned_dispatcher import PlannedAllToAllDispatcher
+from megatron_grouter.megatron_compat import building_plugin_layers, plugin_moe_spec
 from megatron_grouter.routing.context import RoutingContext
 from megatron_grouter.routing.registry import router_kind
 from megatron_grouter.training.config import ModelConfig, ParallelConfig, RouterConfig
+from megatron_grouter.training.moe_layer import PluginMoELayer, check_plugin_layers
 
 
 def transformer_engine_available() -> bool:
@@ -81,7 +87,7 @@ def transformer_config(model: ModelConfig, router: RouterConfig, parallel: Paral
         moe_router_topk=model.topk,
         moe_layer_freq=moe_layer_pattern(model),
         moe_shared_expert_intermediate_size=model.shared_expert_intermediate_size,
-        # The planned dispatcher replaces allgather's after construction (same expert layout).
+        # PluginMoELayer builds the planned dispatcher in place of allgather's (same expert layout).
         moe_token_dispatcher_type="allgather" if parallel.dispatcher == "planned" else parallel.dispatcher,
         moe_grouped_gemm=False,
         tensor_model_parallel_size=parallel.tensor,
@@ -104,45 +110,46 @@ def transformer_config(model: ModelConfig, router: RouterConfig, parallel: Paral
     )
 
 
-def layer_spec(config: TransformerConfig, router: RouterConfig, context: RoutingContext,
-               slot_of_expert: torch.Tensor | None = None, vp_stage: int | None = None):
-    """The decoder block spec of this pipeline stage (and virtual stage), with our router in
-    every MoE layer."""
+def layer_spec(config: TransformerConfig, router: RouterConfig, parallel: ParallelConfig,
+               context: RoutingContext, vp_stage: int | None = None):
+    """The decoder block spec of this pipeline stage (and virtual stage): megatron's, with our
+    MoE layer, router and (planned) dispatcher in every MoE layer."""
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=transformer_engine_available(),
                                       normalization="RMSNorm", vp_stage=vp_stage)
-    router_builder = router_kind(router.type).builder(router, context, slot_of_expert)
+    router_builder = router_kind(router.type).builder(router, context)
+    layer_kwargs = {}
+    if parallel.dispatcher == "planned":
+        layer_kwargs["dispatcher_builder"] = functools.partial(
+            PlannedAllToAllDispatcher, context=context, verify=parallel.verify_dispatch_plan)
     for layer in spec.layer_specs:
-        mlp = layer.submodules.mlp
-        if getattr(mlp, "module", None) is MoELayer:
-            mlp.submodules.router = router_builder
+        moe = plugin_moe_spec(layer.submodules.mlp, PluginMoELayer, router_builder, **layer_kwargs)
+        if moe is not None:
+            layer.submodules.mlp = moe
     return spec
 
 
 def build_gpt_model(model: ModelConfig, router: RouterConfig, parallel: ParallelConfig,
                     vocab_size: int, bf16: bool = False, context: RoutingContext | None = None,
-                    slot_of_expert: torch.Tensor | None = None,
-                    dispatch_context: DispatchContext | None = None, recompute: str = "none",
-                    vp_stage: int | None = None) -> GPTModel:
+                    recompute: str = "none", vp_stage: int | None = None) -> GPTModel:
     """This rank's GPTModel (its pipeline stage, or one virtual stage of it), whose preemptive
-    routers (if any) read their routing from `context`; with `parallel.dispatcher=planned` its
-    dispatchers read their plans from `dispatch_context`."""
+    routers and planned dispatchers read each micro-batch's routing from `context`."""
     config = transformer_config(model, router, parallel, bf16=bf16, recompute=recompute)
     context = context or RoutingContext(sequence_parallel=parallel.sequence_parallel)
     virtual = parallel.virtual_pipeline is not None
-    gpt_model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(config, router, context, slot_of_expert, vp_stage),
-        vocab_size=vocab_size,
-        max_sequence_length=model.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=not virtual, vp_stage=vp_stage),
-        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=not virtual, vp_stage=vp_stage),
-        share_embeddings_and_output_weights=not model.untie_embeddings,
-        position_embedding_type="rope",
-        rotary_base=model.rotary_base,
-        vp_stage=vp_stage,
-    )
-    if parallel.dispatcher == "planned":
-        install_planned_dispatchers(gpt_model, dispatch_context or DispatchContext())
+    with building_plugin_layers():
+        gpt_model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(config, router, parallel, context, vp_stage),
+            vocab_size=vocab_size,
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=not virtual, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=not virtual, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=not model.untie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=model.rotary_base,
+            vp_stage=vp_stage,
+        )
+    check_plugin_layers(gpt_model, PlannedAllToAllDispatcher if parallel.dispatcher == "planned" else None)
     return gpt_model
 
 

@@ -103,14 +103,16 @@ def summarise_loads(loads_LE: torch.Tensor, num_tokens: int) -> dict[str, float]
 
 
 def collect_routing_entropy(moe_layers: list, pattern: list[int]) -> dict[str, float]:
-    """Mean per-token routing entropy of each layer whose router meters one, over DP ranks."""
+    """Mean per-token routing entropy of each layer whose router meters one (ProbMoE's subset
+    entropy, the hybrid router's gate entropy), over DP ranks."""
     rows = [layer.router.load_meter.take_entropy().double() for layer in moe_layers]
     sums_L2 = _global_sum(_by_global_layer(rows, moe_layers, pattern, 2))
     if float(sums_L2[:, 1].sum()) == 0:
         return {}
+    name = moe_layers[0].router.load_meter.entropy_metric if moe_layers else "subset_entropy"
     per_layer = (sums_L2[:, 0] / sums_L2[:, 1].clamp_min(1)).tolist()
-    summary = {"moe/subset_entropy": sum(per_layer) / len(per_layer)}
-    summary.update({f"moe/subset_entropy_layer{index}": value for index, value in enumerate(per_layer)})
+    summary = {f"moe/{name}": sum(per_layer) / len(per_layer)}
+    summary.update({f"moe/{name}_layer{index}": value for index, value in enumerate(per_layer)})
     return summary
 
 

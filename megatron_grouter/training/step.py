@@ -4,10 +4,10 @@
 1F1B (PP>1), or interleaved 1F1B (`parallel.virtual_pipeline`). The schedule calls our
 `forward_step` once per micro-batch and model chunk, in its own order: under 1F1B a stage runs
 the forward of micro-batch i+1 before the backward of i. So everything a micro-batch needs
-besides its tokens — preemptive routing, dispatch plans — is looked up *inside* forward_step for
-the micro-batch it is about to run, and cleared when that forward returns; backward needs no
-lookup (the routing is a constant of the autograd graph and the planned dispatcher keeps its
-split sizes in the graph).
+besides its tokens — preemptive routing and its dispatch plan — travels with the micro-batch
+(`MicroBatch.routing`, attached before the schedule runs) and forward_step hands it to the MoE
+layers for that one forward (`RoutingContext.serving`); backward needs no routing (it is a
+constant of the autograd graph and the planned dispatcher keeps its split sizes in the graph).
 
 Every stage iterates the same micro-batches (non-first stages need their token positions and
 sample ids to find the routing; their input activations come from the previous stage).
@@ -40,20 +40,15 @@ def masked_mean_loss(loss_mask_BS: torch.Tensor, token_loss_BS: torch.Tensor):
 class ForwardStep:
     """megatron's forward_step_func: (data_iterator, model chunk) → (output, loss_func)."""
 
-    def __init__(self, trainer, device: torch.device, seq_length: int):
-        self.trainer = trainer
+    def __init__(self, routing_context, device: torch.device, seq_length: int):
+        self.routing_context = routing_context
         self.device = device
         self.mask = causal_mask(seq_length, device)
 
     def __call__(self, data_iterator, model):
         batch: MicroBatch = next(data_iterator).to(self.device)
-        for hook in self.trainer.hooks:
-            hook.before_forward(self.trainer, batch)
-        try:
+        with self.routing_context.serving(batch.routing):
             output = model(batch.tokens_BS, batch.position_ids_BS, self.mask, labels=batch.labels_BS)
-        finally:
-            for hook in self.trainer.hooks:
-                hook.after_forward(self.trainer, batch)
         return output, functools.partial(masked_mean_loss, batch.loss_mask_BS)
 
 

@@ -24,7 +24,6 @@ from megatron.core.distributed import (DistributedDataParallel, DistributedDataP
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
-from megatron_grouter.dispatch.context import DispatchContext
 from megatron_grouter.errors import UserError
 from megatron_grouter.routing.context import RoutingContext
 from megatron_grouter.runtime.distributed import ParallelLayout
@@ -83,6 +82,8 @@ class Trainer:
     def __init__(self, config: RootConfig, layout: ParallelLayout, train_dataset, valid_dataset,
                  vocab_size: int, run_hooks: list | None = None,
                  slot_of_expert: torch.Tensor | None = None, schedule=None):
+        """`slot_of_expert`: the placement plan's slot of each Grouter expert (None: identity);
+        `routing_provider` (set by the caller after construction) routes preemptive micro-batches."""
         self.config = config
         self.layout = layout
         self.train_dataset = train_dataset
@@ -101,11 +102,9 @@ class Trainer:
                                                  len(valid_dataset))
 
         self.routing_context = RoutingContext(sequence_parallel=config.parallel.sequence_parallel)
-        self.dispatch_context = DispatchContext(verify=config.parallel.verify_dispatch_plan)
+        self.routing_provider = None  # routing.provider.PreemptiveRouting for preemptive routers
         chunks = build_model_chunks(config.model, config.router, config.parallel, vocab_size,
                                     bf16=train.bf16, context=self.routing_context,
-                                    slot_of_expert=slot_of_expert,
-                                    dispatch_context=self.dispatch_context,
                                     recompute=train.recompute)
         for chunk in chunks:
             chunk.to(layout.device)
@@ -123,7 +122,7 @@ class Trainer:
         self.moe_pattern = moe_layer_pattern(config.model)
         # megatron's aux-loss tracker is process-global; a new model starts with an empty one.
         get_moe_layer_wise_logging_tracker().clear()
-        self.forward_step = ForwardStep(self, layout.device, train.seq_length)
+        self.forward_step = ForwardStep(self.routing_context, layout.device, train.seq_length)
         self._training = False
         self.step = 0
         self.tokens_seen = 0
@@ -147,9 +146,8 @@ class Trainer:
         for chunk in self.model_chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        batches = micro_batches(self.train_dataset,
-                                self.schedule.rank_sample_ids(self.step, self.dp_rank),
-                                train.micro_batch_size)
+        batches = self.micro_batches(self.train_dataset,
+                                     self.schedule.rank_sample_ids(self.step, self.dp_rank), training=True)
         biases_before = expert_biases(self.moe_layers)
         loss_sum = forward_backward(self.forward_step, self.model_chunks, batches,
                                     train.seq_length, train.micro_batch_size, forward_only=False)
@@ -174,7 +172,16 @@ class Trainer:
             stats["optimizer/state_bytes_rank0"] = optimizer_state_bytes(self.optimizer)
         for hook in self.hooks:
             stats.update(hook.step_metrics(self) or {})
+        if self.routing_provider is not None:
+            stats.update(self.routing_provider.step_metrics(self))
         return stats
+
+    def micro_batches(self, dataset, sample_ids: list[int], training: bool) -> list:
+        """This rank's micro-batches of `sample_ids`, each carrying its routing (preemptive routers)."""
+        batches = micro_batches(dataset, sample_ids, self.config.train.micro_batch_size)
+        if self.routing_provider is not None:
+            self.routing_provider.attach(batches, self.step, training)
+        return batches
 
     def global_mean(self, loss_sum: torch.Tensor, num_batches: int) -> float:
         """Mean micro-batch loss over the global batch: the last pipeline stage holds the sum
@@ -192,9 +199,9 @@ class Trainer:
         self.set_mode(False)
         total = torch.zeros((), dtype=torch.float64, device=self.layout.device)
         for index in range(train.eval_iters):
-            batches = micro_batches(self.valid_dataset,
-                                    self.valid_schedule.rank_sample_ids(index, self.dp_rank),
-                                    train.micro_batch_size)
+            batches = self.micro_batches(self.valid_dataset,
+                                         self.valid_schedule.rank_sample_ids(index, self.dp_rank),
+                                         training=False)
             total += forward_backward(self.forward_step, self.model_chunks, batches,
                                       train.seq_length, train.micro_batch_size,
                                       forward_only=True).double()

@@ -1,11 +1,11 @@
 """mg-train under torchrun with every torch.distributed collective counted (test instrumentation).
 
-  python -m torch.distributed.run --nproc-per-node 2 tests/dispatch/counting_train.py <overrides>
+  python -m torch.distributed.run --nproc-per-node 2 -m tests.dispatch.counting_train <overrides>
 
 The collectives are wrapped before megatron_grouter is imported (modules bind aliases such as
 all_gather_single at import). Each call is attributed to the training step running it and to
-a region: `moe` inside an MoELayer's forward, `plan` inside the planned-dispatch hook's
-before_forward, `other` elsewhere (gradient reduction, metrics, backward). Writes
+a region: `moe` inside an MoELayer's forward, `plan` inside the dispatch planner (the plans of
+a step's micro-batches), `other` elsewhere (gradient reduction, metrics, backward). Writes
 <train.out_dir>/collectives_rank<R>.json: {step: {region: {collective: calls}}}.
 """
 
@@ -51,15 +51,14 @@ for collective in COLLECTIVES:
     if hasattr(dist, collective):
         setattr(dist, collective, counted(collective, getattr(dist, collective)))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: train_runs
 from megatron.core.transformer.moe.moe_layer import MoELayer  # noqa: E402
 
-from megatron_grouter.dispatch.planning_hook import PlannedDispatchHook  # noqa: E402
+from megatron_grouter.dispatch.planner import DispatchPlanner  # noqa: E402
 from megatron_grouter.training.trainer import Trainer  # noqa: E402
-from train_runs import train_in_process  # noqa: E402
+from tests.train_runs import train_in_process  # noqa: E402
 
 MoELayer.forward = in_region("moe", MoELayer.forward)
-PlannedDispatchHook.before_forward = in_region("plan", PlannedDispatchHook.before_forward)
+DispatchPlanner.plans = in_region("plan", DispatchPlanner.plans)
 original_step = Trainer.train_step
 
 

@@ -52,13 +52,18 @@ def slot_permutation(case: Case) -> torch.Tensor | None:
     return torch.randperm(NUM_EXPERTS, generator=torch.Generator().manual_seed(7)) if case.permuted else None
 
 
-def build_layer(routing_context, slot_of_expert, ep_size: int, learned: bool = False):
+def build_layer(routing_context, ep_size: int, learned: bool = False, planned: bool = False,
+                verify: bool = False):
+    """One MoE layer as mg-train builds it (our spec: PluginMoELayer, our router) with megatron's
+    allgather dispatcher, or with ours (`planned`); the same weights either way."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.spec_utils import build_module
 
+    from megatron_grouter.dispatch.planned_dispatcher import PlannedAllToAllDispatcher
+    from megatron_grouter.megatron_compat import building_plugin_layers, plugin_moe_spec
     from megatron_grouter.routing.metered_router import MeteredTopKRouter
     from megatron_grouter.routing.preemptive_router import HybridRouter
+    from megatron_grouter.training.moe_layer import PluginMoELayer
 
     config = TransformerConfig(
         num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, num_moe_experts=NUM_EXPERTS,
@@ -67,11 +72,14 @@ def build_layer(routing_context, slot_of_expert, ep_size: int, learned: bool = F
         gated_linear_unit=True, activation_func=torch.nn.functional.silu,
         moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
         bias_dropout_fusion=False, gradient_accumulation_fusion=False)
-    spec = get_moe_module_spec(use_te=False, num_experts=NUM_EXPERTS, moe_grouped_gemm=False)
     # The hybrid router's gate is trainable, so the probs' gradient path is checked as well.
-    spec.submodules.router = MeteredTopKRouter if learned else functools.partial(
-        HybridRouter, context=routing_context, slot_of_expert=slot_of_expert)
-    layer = build_module(spec, config=config)
+    router = MeteredTopKRouter if learned else functools.partial(HybridRouter, context=routing_context)
+    dispatcher = {"dispatcher_builder": functools.partial(PlannedAllToAllDispatcher, context=routing_context,
+                                                          verify=verify)} if planned else {}
+    spec = plugin_moe_spec(get_moe_module_spec(use_te=False, num_experts=NUM_EXPERTS, moe_grouped_gemm=False),
+                           PluginMoELayer, router, **dispatcher)
+    with building_plugin_layers():
+        layer = spec(config=config)
     with torch.no_grad():  # distinct weights per rank and expert
         generator = torch.Generator().manual_seed(torch.distributed.get_rank())
         for parameter in layer.parameters():
@@ -108,10 +116,9 @@ def parity_worker(rank: int, world_size: int, port: int, ep_sizes: list[int],
 def check_case(case: Case, rank: int, ep_size: int) -> None:
     from megatron.core import parallel_state
 
-    from megatron_grouter.dispatch.context import DispatchContext, DispatchPlanMismatch
-    from megatron_grouter.dispatch.plan import DispatchPlan, routed_expert_counts
-    from megatron_grouter.dispatch.planned_dispatcher import install_planned_dispatchers
-    from megatron_grouter.routing.context import Routing, RoutingContext
+    from megatron_grouter.dispatch.plan import DispatchPlan, DispatchPlanMismatch, routed_expert_counts
+    from megatron_grouter.routing.context import RoutingContext
+    from megatron_grouter.routing.microbatch import RoutingRule, route_micro_batch
 
     num_tokens = SEQ * BATCH
     ep_rank = parallel_state.get_expert_model_parallel_rank()
@@ -119,29 +126,29 @@ def check_case(case: Case, rank: int, ep_size: int) -> None:
         parallel_state.get_expert_model_parallel_group())
     slot_of_expert = slot_permutation(case)
     routing_context = RoutingContext()
-    layer = build_layer(routing_context, slot_of_expert, ep_size, learned=case.routing == "learned")
-    allgather = layer.token_dispatcher
-    dispatch_context = DispatchContext(verify=True)
-    install_planned_dispatchers(layer, dispatch_context)
-    planned = layer.token_dispatcher
+    learned = case.routing == "learned"
+    allgather_layer = build_layer(routing_context, ep_size, learned=learned)
+    planned_layer = build_layer(routing_context, ep_size, learned=learned, planned=True, verify=True)
 
     indices_TK = source_routing(case, ep_rank, ep_size, rank, num_tokens)
-    routing_context.set(Routing(indices_TK.view(SEQ, BATCH, TOPK),
-                                torch.full((SEQ, BATCH, TOPK), 1.0 / TOPK)))
+    # batch-first [b, s, k] whose sequence-first flattening is indices_TK
+    indices_BSK = indices_TK.view(SEQ, BATCH, TOPK).transpose(0, 1)
+    routing = route_micro_batch(indices_BSK, torch.full(indices_BSK.shape, 1.0 / TOPK),
+                                RoutingRule(NUM_EXPERTS, slot_of_expert))
     generator = torch.Generator().manual_seed(100 + rank)
     hidden_SBH = torch.randn(SEQ, BATCH, HIDDEN, generator=generator)
     upstream_SBH = torch.randn(SEQ, BATCH, HIDDEN, generator=generator)
 
-    layer.token_dispatcher = allgather
-    expected = forward_backward(layer, hidden_SBH, upstream_SBH)
+    with routing_context.serving(None if learned else routing):
+        expected = forward_backward(allgather_layer, hidden_SBH, upstream_SBH)
     counts_RE = torch.stack([
         routed_expert_counts(source_routing(case, peer_ep_rank, ep_size, peer, num_tokens),
                              NUM_EXPERTS, slot_of_expert)
         for peer_ep_rank, peer in enumerate(ep_peers)])
-    if case.planned:
-        dispatch_context.set(DispatchPlan(counts_RE))
-    layer.token_dispatcher = planned
-    actual = forward_backward(layer, hidden_SBH, upstream_SBH)
+    assert torch.equal(counts_RE[ep_rank], routing.copies_E)  # one routing function for both
+    served = None if learned else routing.with_plan(DispatchPlan(counts_RE) if case.planned else None)
+    with routing_context.serving(served):
+        actual = forward_backward(planned_layer, hidden_SBH, upstream_SBH)
     message = f"case {case.name}, EP={ep_size}, rank {rank}"
     torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-6, msg=message)
     torch.testing.assert_close(actual[1], expected[1], rtol=1e-5, atol=1e-6, msg=message)
@@ -155,9 +162,9 @@ def check_case(case: Case, rank: int, ep_size: int) -> None:
     if case.planned:  # a plan that disagrees with the routing is one clear error
         wrong_RE = counts_RE.clone()
         wrong_RE[:, 0] += 1
-        dispatch_context.set(DispatchPlan(wrong_RE))
         try:
-            layer(hidden_SBH)
+            with routing_context.serving(routing.with_plan(DispatchPlan(wrong_RE))):
+                planned_layer(hidden_SBH)
         except DispatchPlanMismatch as error:
             assert "out of step with the routing" in str(error) and "\n" not in str(error)
         else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from megatron_grouter.offline.export_hf import _load_gpt_model, main
 from megatron_grouter.training.config import to_train_config
-from train_runs import MICRO_MODEL, data_overrides, train_in_process
+from tests.train_runs import MICRO_MODEL, data_overrides, train_in_process
 
 
 def _train(data, out: Path, extra: list[str]) -> Path:
@@ -74,12 +73,13 @@ def test_unsupported_and_bad_inputs_are_one_line(stdlib_data, tmp_path, capsys):
 
 @pytest.mark.parametrize("router", ["grouter_fixed", "grouter_hybrid"])
 def test_grouter_routed_target_exports_with_its_grouter_and_routes_the_same(stdlib_data, tmp_path, router):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "routing"))
-    from grouter_fixtures import random_grouter
+    from tests.routing.grouter_fixtures import random_grouter
 
     from megatron_grouter.grouter.checkpoint import load_grouter
     from megatron_grouter.offline.hf_grouter_routing import attach_grouter
-    from megatron_grouter.routing.context import Routing, RoutingContext
+    from megatron_grouter.routing.context import RoutingContext
+    from megatron_grouter.routing.microbatch import route_micro_batch
+    from megatron_grouter.routing.setup import routing_rule
 
     grouter_dir = random_grouter(stdlib_data["tokenizer"], tmp_path / "grouter")
     checkpoint = _train(stdlib_data, tmp_path / "run", [
@@ -100,10 +100,10 @@ def test_grouter_routed_target_exports_with_its_grouter_and_routes_the_same(stdl
 
     state = json.loads((checkpoint / "train_state.json").read_text())
     context = RoutingContext()
-    gpt = _load_gpt_model(checkpoint, to_train_config(state["config"]), state, context=context)
+    root = to_train_config(state["config"])
+    gpt = _load_gpt_model(checkpoint, root, state, context=context)
     grouter, _ = load_grouter(grouter_dir)
-    with torch.no_grad():
-        context.set(Routing.from_batch_first(*grouter.route(ids_BS)))
+    with torch.no_grad(), context.serving(route_micro_batch(*grouter.route(ids_BS), routing_rule(root))):
         mask = torch.triu(torch.ones(32, 32, dtype=torch.bool), 1)[None, None]
         ours_BSV = gpt(ids_BS, torch.arange(32).expand_as(ids_BS), mask)
     torch.testing.assert_close(theirs_BSV, ours_BSV, rtol=1e-5, atol=2e-5)

@@ -1,7 +1,6 @@
 """mg-plan-ep on a real routing cache, and mg-train applying the plan (real megatron, gloo)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -10,19 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-TESTS = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(TESTS / "routing"))
-sys.path.insert(0, str(TESTS / "offline"))
-from distill_runs import compose_tool  # noqa: E402
-from grouter_fixtures import NUM_EXPERTS, TOPK, random_grouter, small_corpus  # noqa: E402
-from train_runs import read_metrics, torchrun, train_in_process, train_losses  # noqa: E402
-
-from megatron_grouter.dispatch.plan_book import DispatchPlanBook, book_key, book_path  # noqa: E402
-from megatron_grouter.errors import UserError  # noqa: E402
-from megatron_grouter.offline.plan_ep import plan_ep  # noqa: E402
-from megatron_grouter.offline.predispatch import predispatch  # noqa: E402
-from megatron_grouter.placement.plan import Plan  # noqa: E402
-from megatron_grouter.placement.schedule import PlannedSchedule  # noqa: E402
+from megatron_grouter.dispatch.plan_book import DispatchPlanBook, book_key, book_path
+from megatron_grouter.errors import UserError
+from megatron_grouter.offline.plan_ep import plan_ep
+from megatron_grouter.offline.predispatch import predispatch
+from megatron_grouter.placement.plan import Plan
+from megatron_grouter.placement.schedule import PlannedSchedule
+from tests.offline.distill_runs import compose_tool
+from tests.routing.grouter_fixtures import NUM_EXPERTS, TOPK, random_grouter, small_corpus
+from tests.train_runs import REPO, read_metrics, repo_env, torchrun, train_in_process, train_losses
 
 STEPS, GLOBAL_BATCH, SEQ, MICRO_BATCH = 6, 8, 64, 2  # EP=DP=2: two micro-batches per rank and step
 MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
@@ -65,8 +60,8 @@ def train_overrides(setup, out_dir, plan=None, extra=()):
 def counting_run(nproc: int, overrides: list[str]) -> subprocess.CompletedProcess:
     """mg-train under torchrun with its collectives counted per step and region (counting_train.py)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(TESTS / "dispatch" / "counting_train.py"), *overrides]
-    result = subprocess.run(command, cwd=TESTS.parent, env=dict(os.environ, OMP_NUM_THREADS="1"),
+               "-m", "tests.dispatch.counting_train", *overrides]
+    result = subprocess.run(command, cwd=REPO, env=repo_env(OMP_NUM_THREADS="1"),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
@@ -199,18 +194,17 @@ def test_plan_tool_refuses_bad_input_in_one_line(setup, stdlib_data, tmp_path):
 
 
 def test_offline_plans_train_bit_identically_to_the_count_exchange_without_collectives(setup, tmp_path):
-    """Offline book vs one all-gather of the counts per micro-batch: the same plans, so the same
+    """Offline book vs one all-gather of the counts per step: the same plans, so the same
     losses bit for bit; inside MoE layers only the token all-to-alls, before them none (book) or
-    one per micro-batch (exchange)."""
+    one per step for all its micro-batches (exchange)."""
     bare = tmp_path / "bare"  # the plan without its book: counts are exchanged
     bare.mkdir()
     shutil.copy(setup["root"] / "plan.npz", bare / "plan.npz")
-    micro_batches = GLOBAL_BATCH // (MICRO_BATCH * 2)
     runs = {}
     for name, plan in (("book", setup["root"] / "plan.npz"), ("exchange", bare / "plan.npz")):
         run = counting_run(2, train_overrides(setup, tmp_path / name, plan=plan, extra=["parallel=ep2_planned"]))
         runs[name] = collectives(tmp_path / name, 2)
-        assert ("looked up from" if name == "book" else "counts exchanged once per micro-batch") in run.stdout + run.stderr
+        assert ("looked up from" if name == "book" else "counts exchanged once per step") in run.stdout + run.stderr
     assert train_losses(tmp_path / "book") == train_losses(tmp_path / "exchange")  # exact equality
     assert sorted(train_losses(tmp_path / "book")) == list(range(1, STEPS + 1))
     for name, ranks in runs.items():
@@ -220,7 +214,7 @@ def test_offline_plans_train_bit_identically_to_the_count_exchange_without_colle
                 moe = regions.get("moe", {})
                 assert set(moe) == {"all_to_all_single"} and moe["all_to_all_single"] > 0  # tokens only
                 planning = sum(regions.get("plan", {}).values())
-                assert planning == (0 if name == "book" else micro_batches)
+                assert planning == (0 if name == "book" else 1)
 
 
 def test_book_for_another_layout_is_refused(setup):
@@ -267,6 +261,6 @@ def test_offline_plans_on_four_ranks_two_ep_groups(setup, tmp_path):
         counting_run(4, train_overrides(setup, tmp_path / name, plan=plan, extra=layout))
     assert train_losses(tmp_path / "book") == train_losses(tmp_path / "exchange")
     assert len(train_losses(tmp_path / "book")) == 2
-    for name, expected in (("book", 0), ("exchange", GLOBAL_BATCH // 4)):
+    for name, expected in (("book", 0), ("exchange", 1)):
         for steps in collectives(tmp_path / name, 4):
             assert all(sum(regions.get("plan", {}).values()) == expected for regions in steps.values())

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from grouter_fixtures import NUM_EXPERTS, TOPK, WINDOW, random_grouter, small_corpus
+from tests.routing.grouter_fixtures import NUM_EXPERTS, TOPK, WINDOW, random_grouter, small_corpus
 from megatron_grouter.errors import UserError
-from train_runs import REPO, read_metrics, train_in_process
+from tests.train_runs import REPO, read_metrics, train_in_process
 
 ROUTED_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
                 "model.ffn_hidden_size=128", f"model.num_experts={NUM_EXPERTS}",
@@ -180,23 +180,20 @@ def load_target(run_dir: Path):
     model = build_gpt_model(root.model, root.router, ParallelConfig(), state["vocab_size"], context=context)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint))["model"]
     model.load_state_dict(loaded, strict=True)
-    return model.eval(), context
+    return model.eval(), context, root
 
 
 @torch.no_grad()
-def next_token_logits(model, context, grouter, tokens_BS: torch.Tensor) -> torch.Tensor:
+def next_token_logits(model, context, root, grouter, tokens_BS: torch.Tensor) -> torch.Tensor:
     """Logits [B, S, V] of a forward over `tokens_BS`, routed by the Grouter over exactly these tokens
     (at generation time the Grouter sees only the prefix that exists)."""
-    from megatron_grouter.routing.context import Routing
+    from megatron_grouter.routing.microbatch import route_micro_batch
+    from megatron_grouter.routing.setup import routing_rule
 
     batch, seq = tokens_BS.shape
-    indices_BSK, weights_BSK = grouter.route(tokens_BS)
-    context.set(Routing.from_batch_first(indices_BSK, weights_BSK))
-    try:
+    with context.serving(route_micro_batch(*grouter.route(tokens_BS), routing_rule(root))):
         mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1)[None, None]
         return model(tokens_BS, torch.arange(seq).expand(batch, seq), mask).float()
-    finally:
-        context.clear()
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -213,11 +210,11 @@ def test_logits_of_a_prefix_equal_those_of_the_full_sequence_only_when_causal(se
     grouter.eval()
     init_distributed()
     try:
-        model, context = load_target(trained[causal])
-        full_BSV = next_token_logits(model, context, grouter, tokens_BS)
+        model, context, root = load_target(trained[causal])
+        full_BSV = next_token_logits(model, context, root, grouter, tokens_BS)
         gaps = []
         for cut in CUTS:
-            prefix_BSV = next_token_logits(model, context, grouter, tokens_BS[:, :cut + 1])
+            prefix_BSV = next_token_logits(model, context, root, grouter, tokens_BS[:, :cut + 1])
             gaps.append(float((prefix_BSV[:, cut] - full_BSV[:, cut]).abs().max()))
     finally:
         shutdown_distributed()

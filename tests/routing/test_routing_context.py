@@ -7,7 +7,8 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_grouter.errors import UserError
-from megatron_grouter.routing.context import Routing, RoutingContext
+from megatron_grouter.routing.context import RoutingContext
+from megatron_grouter.routing.microbatch import RoutingRule, route_micro_batch
 from megatron_grouter.runtime.distributed import free_port
 
 
@@ -20,15 +21,18 @@ def test_sequence_first_flattening_matches_megatron_token_order():
     ids_BS = token_ids_BS(batch, seq)
     indices_BSK = torch.stack([ids_BS, ids_BS + 1], dim=-1)
     context = RoutingContext()
-    context.set(Routing.from_batch_first(indices_BSK, indices_BSK.float()))
+    routing = route_micro_batch(indices_BSK, indices_BSK.float(), RoutingRule(num_experts=int(ids_BS.max()) + 2))
     # megatron's decoder input: [s, b, h]; the router flattens it to s·b tokens.
     hidden_SBH = ids_BS.t().unsqueeze(-1).float()
-    indices_TK, weights_TK = context.local(seq * batch)
-    assert torch.equal(indices_TK[:, 0], hidden_SBH.reshape(-1).long())
-    assert torch.equal(weights_TK[:, 1], hidden_SBH.reshape(-1) + 1)
-    with pytest.raises(RuntimeError, match="out of step"):
-        context.local(seq * batch - 1)
-    context.clear()
+    with context.serving(routing):
+        tokens = context.local(seq * batch)
+        assert torch.equal(tokens.slots[:, 0], hidden_SBH.reshape(-1).long())
+        assert torch.equal(tokens.weights[:, 1], hidden_SBH.reshape(-1) + 1)
+        with pytest.raises(RuntimeError, match="out of step"):
+            context.local(seq * batch - 1)
+        with pytest.raises(RuntimeError, match="inside another forward"):
+            with context.serving(routing):
+                pass
     with pytest.raises(UserError, match="without routing"):
         context.local(seq * batch)
 
@@ -49,9 +53,11 @@ def _sequence_parallel_worker(rank: int, port: int, results):
         # What megatron hands this rank's MoE layers under sequence parallelism.
         local_hidden_SBH = scatter_to_sequence_parallel_region(ids_BS.t().unsqueeze(-1).float())
         context = RoutingContext(sequence_parallel=True)
-        context.set(Routing.from_batch_first(ids_BS.unsqueeze(-1), ids_BS.unsqueeze(-1).float()))
-        indices_TK, _ = context.local(local_hidden_SBH.shape[0] * batch)
-        results[rank] = bool(torch.equal(indices_TK[:, 0], local_hidden_SBH.reshape(-1).long()))
+        routing = route_micro_batch(ids_BS.unsqueeze(-1), ids_BS.unsqueeze(-1).float(),
+                                    RoutingRule(num_experts=int(ids_BS.max()) + 1))
+        with context.serving(routing):
+            slots_TK = context.local(local_hidden_SBH.shape[0] * batch).slots
+        results[rank] = bool(torch.equal(slots_TK[:, 0], local_hidden_SBH.reshape(-1).long()))
     finally:
         parallel_state.destroy_model_parallel()
         torch.distributed.destroy_process_group()

@@ -1,0 +1,148 @@
+"""Everything that differs between the megatron-core releases we support, in one place.
+
+Supported: megatron-core >=0.16.1,<0.20 (CI: 0.16.1 on Python 3.11, 0.19.2 on Python 3.12; the
+layer-spec answers below were also read against 0.17.1 and 0.18.2 and exercised by
+`tests/training/test_megatron_seams.py` with those releases installed over 0.19.2). Each answer
+says which releases need it. The CPU answers to megatron's CUDA assumptions live in
+`runtime/cpu_compat.py`, each tagged with the releases it applies to through `needs()` below.
+
+Reading this module imports nothing from megatron-core: the version check runs at
+`import megatron_grouter` from the installed distribution's metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib.metadata
+import logging
+
+SUPPORTED_RANGE = ">=0.16.1,<0.20"
+_LOWEST = (0, 16, 1)
+_FIRST_UNSUPPORTED = (0, 20)
+
+
+class UnsupportedMegatronCore(ImportError):
+    """megatron-core is missing or outside SUPPORTED_RANGE; the message is one line."""
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'0.19.2' -> (0, 19, 2); pre/post/local suffixes ('0.17.0rc1', '0.16.1+nv25.11') are ignored
+    beyond their numeric release part."""
+    release = []
+    for part in text.split("+")[0].split("."):
+        digits = ""
+        for char in part:
+            if not char.isdigit():
+                break
+            digits += char
+        if not digits:
+            break
+        release.append(int(digits))
+        if len(digits) < len(part):
+            break
+    return tuple(release)
+
+
+def installed_version() -> str | None:
+    try:
+        return importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def unsupported_reason(version: str | None) -> str | None:
+    """One line saying why `version` cannot be used, or None when it is supported."""
+    fix = f"install a supported release: pip install 'megatron-core{SUPPORTED_RANGE}'"
+    if version is None:
+        return f"megatron-grouter needs megatron-core {SUPPORTED_RANGE}, which is not installed; {fix}"
+    release = parse_version(version)
+    if not _LOWEST <= release < _FIRST_UNSUPPORTED:
+        return (f"megatron-core {version} is not supported: megatron-grouter needs megatron-core "
+                f"{SUPPORTED_RANGE}; {fix}")
+    return None
+
+
+def check_supported(version: str | None = None) -> str:
+    """The installed (or given) megatron-core version; UnsupportedMegatronCore when outside the range."""
+    version = installed_version() if version is None else version
+    reason = unsupported_reason(version)
+    if reason:
+        raise UnsupportedMegatronCore(reason)
+    return version
+
+
+def needs(lowest: str, below: str | None = None, version: str | None = None) -> bool:
+    """Whether the installed megatron-core is in [lowest, below): the releases an answer is for."""
+    release = parse_version(version or installed_version() or "0")
+    return parse_version(lowest) <= release and (below is None or release < parse_version(below))
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer 1 — how a layer spec names its MoE layer.
+#   0.16.x–0.17.x: `ModuleSpec(module=MoELayer, submodules=MoESubmodules(...))`
+#   0.18.0+:       `functools.partial(MoELayer, submodules=MoESubmodules(...))`
+# Either way we keep megatron's experts and shared experts and put our layer class and router in.
+
+def plugin_moe_spec(mlp_spec, layer_class: type, router_builder, **layer_kwargs):
+    """`mlp_spec` with `layer_class` as its MoE layer and `router_builder` as its router, in the
+    same form megatron gave it; None when `mlp_spec` is not an MoE layer (a dense MLP)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(mlp_spec, ModuleSpec) and isinstance(mlp_spec.module, type) \
+            and issubclass(mlp_spec.module, MoELayer):
+        submodules = dataclasses.replace(mlp_spec.submodules, router=router_builder)
+        return ModuleSpec(module=layer_class, params={**mlp_spec.params, **layer_kwargs},
+                          submodules=submodules, metainfo=dict(mlp_spec.metainfo))
+    if isinstance(mlp_spec, functools.partial) and isinstance(mlp_spec.func, type) \
+            and issubclass(mlp_spec.func, MoELayer):
+        submodules = dataclasses.replace(mlp_spec.keywords["submodules"], router=router_builder)
+        return functools.partial(layer_class, *mlp_spec.args,
+                                 **{**mlp_spec.keywords, **layer_kwargs, "submodules": submodules})
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer 2 — 0.16.x–0.17.x: TransformerLayer hands `pg_collection` only to a spec whose module
+# *is* MoELayer (an identity test) and logs "Unknown MLP type: <class '...ModuleSpec'>. Using
+# default kwargs." for any other module, once per layer. Our layer then builds its groups with
+# megatron's `get_default_pg_collection()` — the same parallel_state groups GPTModel uses without
+# an explicit collection. While our model is built (our spec names no other unknown module: dense
+# layers stay megatron's MLP) that notice is dropped from that one logger. 0.18.0+ passes
+# `pg_collection` to any MLP builder.
+
+class _DropUnknownMlpNotice(logging.Filter):
+    NOTICE = "Unknown MLP type: <class 'megatron.core.transformer.spec_utils.ModuleSpec'>"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOTICE)
+
+
+@contextlib.contextmanager
+def building_plugin_layers():
+    """While a model with our MoE layers is built (0.16.x–0.17.x only)."""
+    if not needs("0.16.1", "0.18.0"):
+        yield
+        return
+    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    notice = _DropUnknownMlpNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
+def default_pg_collection():
+    """megatron's process groups of the current parallel_state (all supported releases)."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    return get_default_pg_collection()
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer 3 — 0.17.0+: MoELayer builds its router with an extra `is_mtp_layer` keyword. Our routers
+# take megatron's keywords as `**megatron_kwargs` and pass them on to megatron's Router, so the
+# same classes serve every release (no function needed here; recorded for the next reader).
