@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from grouter_fixtures import NUM_EXPERTS, TOPK, predispatched_corpus, random_grouter
+from tests.routing.grouter_fixtures import NUM_EXPERTS, TOPK, predispatched_corpus, random_grouter
 from megatron_grouter.data.routing_cache import open_cache
 from megatron_grouter.errors import UserError
 from megatron_grouter.grouter.checkpoint import grouter_fingerprint
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent / "offline"))
-from train_runs import REPO, read_metrics, train_in_process, train_losses, torchrun, val_losses
+from tests.train_runs import REPO, read_metrics, train_in_process, train_losses, torchrun, val_losses
 
 ROUTED_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
                 "model.ffn_hidden_size=128", f"model.num_experts={NUM_EXPERTS}",
@@ -30,7 +29,7 @@ def setup(stdlib_data, tmp_path_factory):
 
 
 def compose_predispatch(grouter, data, cache, extra=()):
-    from distill_runs import compose_tool
+    from tests.offline.distill_runs import compose_tool
 
     return compose_tool("predispatch", [f"grouter={grouter}", f"data.prefix={data['prefix']}",
                                         f"data.tokenizer={data['tokenizer']}", f"cache={cache}",
@@ -70,7 +69,7 @@ def test_fixed_router_has_no_parameters_and_no_aux_loss(setup, tmp_path):
     from megatron_grouter.routing.preemptive_router import FixedRouter
     from megatron_grouter.training.config import to_train_config
     from megatron_grouter.training.model import build_gpt_model, moe_layers
-    from train_runs import compose
+    from tests.train_runs import compose
 
     from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
 
@@ -97,6 +96,21 @@ def test_hybrid_gate_learns_and_loss_falls(setup, tmp_path):
     steps = [record for record in read_metrics(tmp_path) if "loss" in record]
     assert np.mean([record["loss"] for record in steps[-10:]]) < steps[0]["loss"] - 1.5
     assert steps[0]["moe/gate_entropy"] != pytest.approx(steps[-1]["moe/gate_entropy"], abs=1e-4)
+
+
+def test_evaluation_leaves_the_hybrid_gate_metrics_alone(setup, tmp_path):
+    """Evaluating after every step must not change a single training metric (its tokens used to
+    leak into the next step's moe/gate_entropy)."""
+    for name, extra in (("plain", ["train.eval_interval=0"]), ("evaluated", ["train.eval_interval=1"])):
+        overrides = [item for item in routed(setup, "grouter_hybrid", tmp_path / name, steps=3)
+                     if not item.startswith("train.eval_interval=")]
+        train_in_process([*overrides, *extra, "train.eval_iters=2"])
+    plain, evaluated = ([record for record in read_metrics(tmp_path / name) if "loss" in record]
+                        for name in ("plain", "evaluated"))
+    assert len(plain) == len(evaluated) == 3 and len(val_losses(tmp_path / "evaluated")) == 4
+    for ours, theirs in zip(plain, evaluated):
+        assert ours["loss"] == theirs["loss"]
+        assert ours["moe/gate_entropy"] == theirs["moe/gate_entropy"]
 
 
 def test_expert_parallel_training_from_cache(setup, tmp_path):

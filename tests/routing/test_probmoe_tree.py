@@ -18,7 +18,7 @@ from megatron_grouter.routing import probmoe_dp as sequential
 from megatron_grouter.routing import probmoe_native
 from megatron_grouter.routing import probmoe_tree as tree
 
-from routing.test_probmoe_dp import brute_force, random_logits
+from tests.routing.test_probmoe_dp import brute_force, random_logits
 
 torch.set_num_threads(1)
 
