@@ -78,6 +78,16 @@ def connect_schedule(chunks: list[DistributedDataParallel], optimizer, parallel)
             config.grad_sync_func = grad_sync[0] if len(chunks) == 1 else grad_sync
 
 
+def log_moe_layers(layers: list) -> None:
+    """Which classes megatron built for this rank's MoE layers (the seams, as the user sees them)."""
+    from megatron_grouter.megatron_compat import installed_version
+
+    kinds = sorted({f"{type(layer).__name__}(router={type(layer.router).__name__}, "
+                    f"dispatcher={type(layer.token_dispatcher).__name__})" for layer in layers})
+    log.info("model: %d MoE layers on this rank, %s, megatron-core %s", len(layers), ", ".join(kinds) or "none",
+             installed_version())
+
+
 class Trainer:
     def __init__(self, config: RootConfig, layout: ParallelLayout, train_dataset, valid_dataset,
                  vocab_size: int, run_hooks: list | None = None,
@@ -119,6 +129,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model_chunks, train, config.parallel)
         connect_schedule(self.model_chunks, self.optimizer, config.parallel)
         self.moe_layers = moe_layers(chunks)
+        log_moe_layers(self.moe_layers)
         self.moe_pattern = moe_layer_pattern(config.model)
         # megatron's aux-loss tracker is process-global; a new model starts with an empty one.
         get_moe_layer_wise_logging_tracker().clear()
