@@ -17,8 +17,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "tests" / "offline"))
+sys.path.insert(0, str(REPO))  # a script, not a module: the test helpers are `tests.*` from the root
 
 
 def tokens_per_s(out_dir: Path) -> float:
@@ -33,10 +32,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
-    from distill_runs import compose_tool, tiny_teacher_on_corpus
-
     from megatron_grouter.data.default_corpus import prepare_default_corpus
     from megatron_grouter.offline.distill import distill
+    from tests.offline.distill_runs import compose_tool, tiny_teacher_on_corpus
 
     data = prepare_default_corpus(str(REPO / "data" / "stdlib"))
     results = {}

@@ -170,7 +170,7 @@ def main() -> None:
             for kernel in kernels:
                 label = f"probmoe/{kernel}" if kernel else f"probmoe/{args.method}"
                 with tree_kernel(kernel):
-                    probmoe_s = time_fwd_bwd(lambda x: probmoe_step(x, k_min, k_max, args.method, generator),
+                    probmoe_s = time_fwd_bwd(lambda x: probmoe_step(x, k_min, k_max, args.method, generator),  # noqa: B023
                                              logits_TE, args.repeats)
                 print(f"E={num_experts:4d} k=[{k_min},{k_max}]  {label:<15} {probmoe_s * 1e3:8.2f} ms   "
                       f"topk-softmax {baseline_s * 1e3:7.2f} ms   ratio {probmoe_s / baseline_s:6.1f}x")

@@ -39,12 +39,18 @@ def train_in_process(overrides: list[str]) -> dict:
     return train(compose(overrides))
 
 
+def repo_env(**overrides: str) -> dict[str, str]:
+    """This process's environment with the repository first on PYTHONPATH (children import
+    `tests.*` helpers and this clone's megatron_grouter from any directory) and `overrides`."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, **overrides)
+
+
 def torchrun(nproc: int, overrides: list[str], timeout: int = 600, module: str = "megatron_grouter.train",
              check: bool = True) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={nproc}", "-m", module, *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=REPO, env=repo_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-5000:]}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
+import platform
 import re
 import time
 from contextlib import contextmanager
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+from megatron_grouter.atomic_files import write_json_atomic
 from megatron_grouter.data.corpus import STDLIB, iter_documents, resolve_corpus
 from megatron_grouter.data.indexed import write_indexed_dataset
 from megatron_grouter.data.integrity import verify_dataset
@@ -84,6 +85,8 @@ def prepare_corpus(corpus: str, out_dir: str, vocab_size: int = 4096, tokenizer:
               "max_documents": max_documents, "jsonl_key": jsonl_key}
     if suffixes is not None:  # only then: stamps written before the option still match
         params["suffixes"] = suffixes
+    if corpus == STDLIB:  # the running interpreter's stdlib: another Python is another corpus
+        params["python"] = platform.python_version()
     stamp = out / "prepared.json"
     tokenizer_dir = Path(tokenizer) if tokenizer else out / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
@@ -111,9 +114,7 @@ def prepare_corpus(corpus: str, out_dir: str, vocab_size: int = 4096, tokenizer:
         log.info("data: %d documents, %d tokens -> %s.bin/.idx in %.1fs (%d undecodable characters "
                  "replaced)", info.num_documents, info.num_tokens, prefix, time.perf_counter() - started,
                  info.replaced_chars)
-        tmp_stamp = stamp.with_name(f"{stamp.name}.tmp{os.getpid()}")
-        tmp_stamp.write_text(json.dumps({"params": params, "num_tokens": info.num_tokens}, indent=2))
-        os.replace(tmp_stamp, stamp)
+        write_json_atomic(stamp, {"params": params, "num_tokens": info.num_tokens})
     return DatasetPaths(prefix, tokenizer_dir, reused=False)
 
 

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from megatron_grouter.atomic_files import publish_file
 from megatron_grouter.data.corpus import Document
 from megatron_grouter.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grouter.errors import UserError
@@ -167,9 +168,8 @@ def write_indexed_dataset(documents: Iterable[Document], tokenizer: Tokenizer, o
                 "append_eod": append_eod, "bin_sha256": content.sha256,
                 "max_token_id": content.max_id, **(extra_meta or {})}
         Path(tmp_prefix + ".meta.json").write_text(json.dumps(meta, indent=2))
-        os.replace(tmp_prefix + ".bin", output_prefix + ".bin")
-        os.replace(tmp_prefix + ".meta.json", output_prefix + ".meta.json")
-        os.replace(tmp_prefix + ".idx", output_prefix + ".idx")
+        for suffix in (".bin", ".meta.json", ".idx"):
+            publish_file(tmp_prefix + suffix, output_prefix + suffix)
     finally:
         for leftover in tmp_files:
             Path(leftover).unlink(missing_ok=True)

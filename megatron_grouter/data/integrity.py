@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from megatron_grouter.atomic_files import write_json_atomic
 from megatron_grouter.errors import UserError
 
 log = logging.getLogger("megatron_grouter")
@@ -77,13 +77,10 @@ def _read_cache(path: Path) -> dict | None:
 
 
 def _write_cache(path: Path, record: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, path)
+        write_json_atomic(path, record)
     except OSError as error:  # a read-only dataset directory: check again next time
         log.info("data: could not record the content check in %s (%s)", path, error.strerror)
-        tmp.unlink(missing_ok=True)
 
 
 def verify_dataset_content(prefix: str, vocab_size: int, meta: dict, dtype) -> BinScan | None:

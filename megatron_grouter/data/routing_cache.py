@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_grouter.atomic_files import write_json_atomic
 from megatron_grouter.errors import UserError
 
 FORMAT = "megatron-grouter/routing-cache"
@@ -243,9 +243,7 @@ def write_cache(directory: str | Path, prefix: str, grouter, grouter_fingerprint
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(path, payload, sort_keys=True)
 
 
 def _progress_bar(total: int, done: int, enabled: bool):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from megatron_grouter.atomic_files import atomic_path
 from megatron_grouter.errors import UserError
 
 EOD_TOKEN = "<|endoftext|>"
@@ -71,9 +71,8 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | P
     backend.train_from_iterator(texts, trainer=trainer)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f"tokenizer.json.tmp{os.getpid()}"
-    backend.save(str(tmp))
-    os.replace(tmp, out_dir / "tokenizer.json")
+    with atomic_path(out_dir / "tokenizer.json") as tmp:
+        backend.save(str(tmp))
     return load_tokenizer(out_dir)
 
 

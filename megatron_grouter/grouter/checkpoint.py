@@ -9,7 +9,7 @@
 
 Saving writes both files into a fresh temporary directory beside the target and only then renames
 it into place, so a reader sees the old checkpoint or the new one, never half of one; a crash
-leaves at most a hidden `.<name>.tmp-*` directory that no loader looks at. Loading checks the
+leaves at most a hidden `.<name>.*.tmp` directory that no loader looks at. Loading checks the
 format, the expert count and the tokenizer against what the caller will use it with, and the
 tensors' checksum, names, shapes and dtypes against the config, and refuses with one line.
 """
@@ -21,8 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from megatron_grouter.atomic_files import atomic_directory
 from megatron_grouter.errors import UserError
 from megatron_grouter.grouter.config import GrouterConfig
 from megatron_grouter.grouter.network import Grouter
@@ -81,12 +80,9 @@ def save_grouter(model: Grouter, directory: str | os.PathLike, provenance: dict[
     tokenizer = _checked_tokenizer(tokenizer_fingerprint, config)
     _refuse_foreign_directory(target)
     tensors = _tensors_to_save(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
-    try:
+    with atomic_directory(target) as staging:
         tensor_bytes = save_safetensors_bytes(tensors, metadata={"format": "pt"})
-        _write_synced(staging / TENSORS_FILE, tensor_bytes)
+        (staging / TENSORS_FILE).write_bytes(tensor_bytes)
         header = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -101,11 +97,7 @@ def save_grouter(model: Grouter, directory: str | os.PathLike, provenance: dict[
         except (TypeError, ValueError) as error:
             raise UserError(f"Grouter provenance or tokenizer fingerprint is not plain JSON ({error}); "
                             "pass only strings, numbers, booleans, lists and dicts") from None
-        _write_synced(staging / CONFIG_FILE, text.encode())
-        _swap_into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        (staging / CONFIG_FILE).write_text(text)
     return target
 
 
@@ -273,13 +265,6 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], config: Grouter
                        f"config implies {dtype} {shape}")
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _refuse_foreign_directory(target: Path) -> None:
     """Only an empty directory or an existing Grouter checkpoint may be replaced."""
     if not target.exists():
@@ -297,35 +282,3 @@ def _refuse_foreign_directory(target: Path) -> None:
                         "choose another output directory")
 
 
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Rename the finished staging directory to `target`; an old one is removed only afterwards.
-
-    Between the two renames `target` is briefly absent (loaders then say "does not exist"), but
-    the old checkpoint is intact under `.<name>.old-*` until the new one is in place.
-    """
-    _fsync_directory(staging)
-    if target.exists():
-        retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, retired)
-        try:
-            os.replace(staging, target)
-        except BaseException:
-            os.replace(retired, target)
-            raise
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, target)
-    _fsync_directory(target.parent)
-
-
-def _fsync_directory(path: Path) -> None:
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

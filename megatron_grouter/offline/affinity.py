@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_grouter.atomic_files import atomic_path, write_json_atomic
 from megatron_grouter.errors import UserError
 
 FORMAT = "megatron-grouter/affinity"
@@ -122,16 +123,12 @@ def affinity_paths(path: str | os.PathLike) -> tuple[Path, Path]:
 def save_affinity(affinity: Affinity, path: str | os.PathLike) -> Path:
     """Write `<path>.npz` and `<path>.json` atomically; returns the .npz path."""
     npz_path, json_path = affinity_paths(path)
-    npz_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_npz = npz_path.with_name(f".{npz_path.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp_npz, affinity=affinity.matrix.astype(np.int64))
     header = {"format": FORMAT, "num_experts": int(affinity.matrix.shape[0]), "tokens": affinity.tokens,
               "grouter_fingerprint": affinity.grouter_fingerprint,
               "tokens_per_s": affinity.tokens_per_s, **(affinity.meta or {})}
-    tmp_json = json_path.with_name(f".{json_path.name}.tmp-{os.getpid()}")
-    tmp_json.write_text(json.dumps(header, indent=2) + "\n")
-    os.replace(tmp_npz, npz_path)
-    os.replace(tmp_json, json_path)
+    with atomic_path(npz_path) as tmp_npz:
+        np.savez(tmp_npz, affinity=affinity.matrix.astype(np.int64))
+    write_json_atomic(json_path, header)
     return npz_path
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from megatron_grouter.atomic_files import write_json_atomic
 from megatron_grouter.app import CONF_DIR, run_app
 from megatron_grouter.errors import UserError
 
@@ -72,7 +73,9 @@ def _maybe_init_distributed() -> tuple[int, int, torch.device, bool]:
     if cuda:
         torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        from megatron_grouter.runtime.distributed import start_process_group
+
+        start_process_group()
         return dist.get_rank(), dist.get_world_size(), device, True
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device, False
@@ -156,12 +159,8 @@ def run_fold(cfg: DictConfig) -> dict:
 
 
 def write_mapping(path: str, groups: list[list[int]], grouter_fingerprint: str, strategy: str) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"format": "megatron-grouter/fold-mapping", "grouter_fingerprint": grouter_fingerprint,
-                               "strategy": strategy, "groups": groups}, indent=2) + "\n")
-    os.replace(tmp, target)
+    write_json_atomic(path, {"format": "megatron-grouter/fold-mapping", "grouter_fingerprint": grouter_fingerprint,
+                             "strategy": strategy, "groups": groups})
 
 
 def read_mapping(path: str, grouter_fingerprint: str, num_source: int, num_target: int) -> list[list[int]]:

@@ -15,10 +15,8 @@ router.grouter.allow_future_context=true).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from megatron_grouter.atomic_files import atomic_path
 from megatron_grouter.app import CONF_DIR, run_app
 from megatron_grouter.errors import UserError
 from megatron_grouter.runtime.distributed import all_reduce_host
@@ -116,11 +115,9 @@ class Distiller:
 
     def save_state(self) -> None:
         if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_path.with_suffix(".pt.tmp")
-            torch.save({"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "step": self.step, "tokens_seen": self.tokens_seen}, tmp)
-            os.replace(tmp, self.state_path)
+            with atomic_path(self.state_path) as tmp:
+                torch.save({"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                            "step": self.step, "tokens_seen": self.tokens_seen}, tmp)
 
     def maybe_resume(self) -> None:
         if self.cfg.resume != "auto" or not self.state_path.is_file():

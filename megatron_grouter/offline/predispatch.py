@@ -36,7 +36,9 @@ def predispatch(cfg: DictConfig) -> dict:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
         else torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        from megatron_grouter.runtime.distributed import start_process_group
+
+        start_process_group()
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     check_dataset_tokenizer(cfg.data.prefix, tokenizer)
     grouter, _ = load_grouter(cfg.grouter, expected_tokenizer=tokenizer.fingerprint())

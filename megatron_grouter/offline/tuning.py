@@ -214,7 +214,7 @@ def tune_grouter(grouter, train_batches, eval_batches, settings: TuneSettings,
     rank, world_size = _world()
     reference = copy.deepcopy(grouter).to(device).eval()
     tuned = copy.deepcopy(grouter).to(device).eval()  # eval: no dropout; the encoder is frozen anyway
-    topk, num_experts = tuned.config.topk, tuned.config.num_experts
+    topk = tuned.config.topk
     before = evaluate_balance(reference, reference, eval_batches, settings.batch_size, settings.eval_tokens, device)
     first, count = stop_windows(len(eval_batches), eval_batches.windows.window, settings.eval_tokens,
                                 settings.stop_tokens)

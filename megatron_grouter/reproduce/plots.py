@@ -7,20 +7,22 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from megatron_grouter.reproduce.metrics import RunMetrics  # noqa: E402
+from megatron_grouter.atomic_files import atomic_path
+from megatron_grouter.reproduce.metrics import RunMetrics
 
 LINESTYLES = ("-", "--", ":", "-.")
 
 
 def _save(figure, path: Path) -> Path:
     figure.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=110)
+    finally:
+        plt.close(figure)
     return path
 
 
@@ -95,8 +97,9 @@ def routing_stability(stability: dict[str, dict], path: Path) -> Path:
     if image is not None:
         figure.colorbar(image, ax=axes[:, 0].tolist(), label="unchanged top-k share", shrink=0.8)
     figure.suptitle("Routing stability of learned routers", fontsize=10)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=110)
+    finally:
+        plt.close(figure)
     return path

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_grouter.atomic_files import write_text_atomic
 from megatron_grouter.reproduce import metrics as m
 from megatron_grouter.reproduce import plots
 from megatron_grouter.reproduce.routers import BIDIRECTIONAL, TUNED_VARIANT_PREFIX, is_baseline, is_grouter, is_learned
@@ -119,9 +120,7 @@ def write_report(out_dir: Path, runs: dict[tuple[str, int], Path], summaries: di
                "stages": summaries, "stability": stability}
     write_json_atomic(out_dir / "summary.json", summary)
     text = render(preset, top, per_seed, rows, summaries, stability, figures)
-    tmp = out_dir / ".report.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out_dir / "report.md")
+    write_text_atomic(out_dir / "report.md", text)
     return out_dir / "report.md"
 
 
@@ -174,7 +173,7 @@ def render(preset: dict, top: dict, per_seed: dict, rows: dict, summaries: dict,
                     + (f", std {top['std']:.2f}" if top["std"] is not None else "") + ")" if top["mean"] else ""))
     overall = top.get("against_all_baselines")
     if overall and overall["seeds"] and any(record["best_baseline"] != record["best_learned_baseline"] for record in per_seed.values()):
-        lines.append(f"- Against the best baseline of all (the fixed hash included): " + ", ".join(
+        lines.append("- Against the best baseline of all (the fixed hash included): " + ", ".join(
             f"seed {seed}: {_fmt(ratio, '{:.2f}×', 'not reached')}" for seed, ratio in zip(overall["seeds"], overall["ratios"]))
             + f"; ≥ {TARGET_RATIO}× on every seed: **{'met' if overall['meets_ratio_target'] else 'missed'}**.")
     if top.get("sees_future_tokens"):

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from megatron_grouter import atomic_files
 
 
 def fingerprint(payload: Any) -> str:
@@ -27,15 +28,8 @@ def fingerprint(payload: Any) -> str:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temporary file, fsync it, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """The stages' JSON (sorted keys, anything else as str), replacing `path` atomically."""
+    atomic_files.write_json_atomic(path, payload, sort_keys=True, default=str)
 
 
 @dataclass
@@ -75,9 +69,7 @@ class Stage:
             state = "reset" if previous is not None else "fresh"
         self.directory.mkdir(parents=True, exist_ok=True)
         self.done_file.unlink(missing_ok=True)
-        tmp = key_file.with_name(f".key.tmp{os.getpid()}")
-        tmp.write_text(self.key + "\n")
-        os.replace(tmp, key_file)
+        atomic_files.write_text_atomic(key_file, self.key + "\n")
         return state
 
     def finish(self, summary: dict) -> None:

@@ -1,7 +1,8 @@
 """Process groups: torch.distributed (NCCL with CUDA, gloo without) and megatron parallel_state.
 
 Works with torchrun (reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT) and as a plain
-single process (a one-rank gloo group on a free loopback port).
+single process (a one-rank group on a free loopback port). `start_process_group` is the one place
+that starts torch.distributed, for mg-train (`init_distributed`) and the offline tools alike.
 """
 
 from __future__ import annotations
@@ -61,6 +62,33 @@ def check_layout(world_size: int, tensor_parallel: int, pipeline_parallel: int,
     return data_parallel
 
 
+def start_process_group(timeout_minutes: float = 30) -> str:
+    """Start torch.distributed for this process unless it already runs; returns the backend.
+
+    nccl with CUDA (on GPU LOCAL_RANK, which becomes the current device), gloo without. RANK and
+    WORLD_SIZE come from torchrun, or are 0 and 1 for a plain process, which also gets
+    MASTER_ADDR=127.0.0.1 and a free MASTER_PORT when they are not set.
+    """
+    if dist.is_initialized():
+        return dist.get_backend()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(free_port())
+    elif "MASTER_PORT" not in os.environ:
+        if world_size > 1:
+            raise UserError(f"MASTER_ADDR={os.environ['MASTER_ADDR']} is set but MASTER_PORT is not; "
+                            "start the processes with torchrun or set MASTER_PORT")
+        os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group(backend=backend, world_size=world_size, rank=rank,
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    return backend
+
+
 def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1,
                      num_experts: int | None = None, timeout_minutes: int = 30,
                      virtual_pipeline: int | None = None) -> ParallelLayout:
@@ -80,12 +108,7 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, exper
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group(backend=backend, world_size=world_size, rank=rank,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    start_process_group(timeout_minutes)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

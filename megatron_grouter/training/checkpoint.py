@@ -14,7 +14,6 @@ either the previous complete checkpoint or the new one, never a half one that re
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megatron_grouter.atomic_files import publish_directory, write_text_atomic
 from megatron_grouter.errors import UserError
 from megatron_grouter.training.optimizer import torch_optimizers
 from megatron_grouter.training.safe_checkpoint_read import verify_checkpoint_safe
@@ -38,15 +38,6 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 CHECKPOINT_FORMAT = 2  # 2: megatron-core optimizer state (1, unversioned: torch AdamW state)
@@ -105,9 +96,7 @@ def save_checkpoint(root: Path, step: int, model_chunks: list, optimizer, train_
     if _rank() == 0:
         state = dict(train_state, step=step, checkpoint_format=CHECKPOINT_FORMAT)
         write_text_atomic(tmp / TRAIN_STATE, json.dumps(state, indent=2, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        publish_directory(tmp, final)  # an older step_N is removed only once this one is in place
         write_text_atomic(root / "latest", final.name + "\n")
     _barrier()
     return final

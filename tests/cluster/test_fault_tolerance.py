@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from megatron_grouter.training import checkpoint as ckpt
-from train_runs import MICRO_MODEL, data_overrides, read_metrics
+from tests.train_runs import MICRO_MODEL, data_overrides, read_metrics
 
 pytestmark = pytest.mark.cluster
 

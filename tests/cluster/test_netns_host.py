@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .netns_host import NetnsHost, netns_missing_requirements
+from tests.cluster.netns_host import NetnsHost, netns_missing_requirements
 
 pytestmark = [
     pytest.mark.cluster,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .slurm_harness import SlurmCluster, missing_requirements, slurm_cluster  # noqa: F401 (fixture)
+from tests.cluster.slurm_harness import SlurmCluster, missing_requirements, slurm_cluster  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.cluster
 

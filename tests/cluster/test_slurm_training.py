@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from train_runs import MICRO_MODEL, REPO, data_overrides, read_metrics, torchrun, train_losses
+from tests.train_runs import MICRO_MODEL, REPO, data_overrides, read_metrics, torchrun, train_losses
 
-from .netns_host import NetnsHost, netns_missing_requirements
-from .slurm_harness import SlurmCluster, slurm_cluster  # noqa: F401 (fixture)
+from tests.cluster.netns_host import NetnsHost, netns_missing_requirements
+from tests.cluster.slurm_harness import SlurmCluster, slurm_cluster  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.cluster
 

@@ -17,7 +17,7 @@ from megatron_grouter.data.indexed import write_indexed_dataset
 from megatron_grouter.data.tokenizer import train_byte_level_bpe
 from megatron_grouter.errors import UserError
 from megatron_grouter.offline.preprocess import main as preprocess_main
-from small_corpus import TEXTS, many_documents
+from tests.data.small_corpus import TEXTS, many_documents
 
 RECORDS = [{"text": text, "url": f"https://example.org/{index}", "timestamp": "2019-04-25"}
            for index, text in enumerate(many_documents(12) + ["", "last ☕"])]

@@ -16,7 +16,7 @@ from megatron_grouter.data.corpus import iter_documents
 from megatron_grouter.data.gpt_datasets import build_gpt_datasets
 from megatron_grouter.data.indexed import write_indexed_dataset
 from megatron_grouter.data.tokenizer import load_tokenizer, train_byte_level_bpe
-from small_corpus import many_documents, write_text_directory
+from tests.data.small_corpus import many_documents, write_text_directory
 
 SEQ_LENGTH = 24
 NUM_SAMPLES = (60, 12, 0)

@@ -11,8 +11,8 @@ import pytest
 from megatron_grouter.data.integrity import CACHE_SUFFIX, scan_bin, verify_dataset
 from megatron_grouter.data.tokenizer import load_tokenizer
 from megatron_grouter.errors import UserError
-from tiny_dataset import TINY_MODEL, tiny_dataset
-from train_runs import data_overrides, train_in_process
+from tests.tiny_dataset import TINY_MODEL, tiny_dataset
+from tests.train_runs import data_overrides, train_in_process
 
 
 @pytest.fixture()
@@ -77,7 +77,7 @@ def test_check_is_cached_until_the_bin_changes(data):
 
 def test_prepared_corpus_with_flipped_bytes_is_prepared_again(tmp_path):
     from megatron_grouter.data.default_corpus import prepare_corpus
-    from small_corpus import many_documents, write_text_directory
+    from tests.data.small_corpus import many_documents, write_text_directory
 
     corpus = str(write_text_directory(tmp_path / "corpus", many_documents(10)))
     first = prepare_corpus(corpus, str(tmp_path / "prepared"), vocab_size=300, progress=False)

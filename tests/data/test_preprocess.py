@@ -16,7 +16,7 @@ from megatron_grouter.data.indexed import check_dataset_tokenizer, read_dataset_
 from megatron_grouter.data.tokenizer import load_tokenizer, train_byte_level_bpe
 from megatron_grouter.errors import UserError
 from megatron_grouter.offline.preprocess import main as preprocess_main
-from small_corpus import TEXTS, many_documents, write_text_directory
+from tests.data.small_corpus import TEXTS, many_documents, write_text_directory
 
 REPO = Path(__file__).resolve().parents[2]
 

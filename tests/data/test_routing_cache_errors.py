@@ -10,7 +10,7 @@ from megatron_grouter.data.routing_cache import CHECKED_FILE, open_cache, write_
 from megatron_grouter.data.tokenizer import load_tokenizer
 from megatron_grouter.errors import UserError
 from megatron_grouter.grouter import Grouter, GrouterConfig
-from tiny_dataset import tiny_dataset
+from tests.tiny_dataset import tiny_dataset
 
 NUM_EXPERTS, TOPK, WINDOW = 6, 2, 32
 

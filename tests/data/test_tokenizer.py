@@ -8,7 +8,7 @@ from tokenizers import models, pre_tokenizers, trainers
 
 from megatron_grouter.data.tokenizer import EOD_TOKEN, load_tokenizer, train_byte_level_bpe
 from megatron_grouter.errors import UserError
-from small_corpus import TEXTS
+from tests.data.small_corpus import TEXTS
 
 
 def save_hf_style_tokenizer(directory, special_tokens: list[str], config: dict | None) -> None:

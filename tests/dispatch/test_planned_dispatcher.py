@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from megatron_grouter.dispatch.plan import DispatchPlan, routed_expert_counts
 from megatron_grouter.runtime.distributed import free_port
-from moe_layer_parity import CASES, parity_worker
+from tests.dispatch.moe_layer_parity import CASES, parity_worker
 
 
 def test_plan_splits_for_each_rank():

@@ -5,19 +5,12 @@ verifies in every MoE layer that the host-side plan equals the routing the route
 plan built from the wrong peer batch fails the run instead of passing by luck.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 
-TESTS = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(TESTS / "routing"))
-sys.path.insert(0, str(TESTS / "offline"))
-
-from grouter_fixtures import NUM_EXPERTS, TOPK, random_grouter, small_corpus  # noqa: E402
-from megatron_grouter.errors import UserError  # noqa: E402
-from megatron_grouter.training.config import to_train_config, validate  # noqa: E402
-from train_runs import compose, torchrun, train_losses  # noqa: E402
+from megatron_grouter.errors import UserError
+from megatron_grouter.training.config import to_train_config, validate
+from tests.routing.grouter_fixtures import NUM_EXPERTS, TOPK, random_grouter, small_corpus
+from tests.train_runs import compose, torchrun, train_losses
 
 ROUTED_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
                 "model.ffn_hidden_size=128", f"model.num_experts={NUM_EXPERTS}",
@@ -27,7 +20,7 @@ ROUTED_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attenti
 
 @pytest.fixture(scope="module")
 def routed_data(stdlib_data, tmp_path_factory):
-    from distill_runs import compose_tool
+    from tests.offline.distill_runs import compose_tool
 
     from megatron_grouter.offline.predispatch import predispatch
 

@@ -15,7 +15,7 @@ import torch
 from megatron_grouter.offline.expanding import expand_grouter
 from megatron_grouter.offline.folding import fold_grouter, mapping_matrix, random_groups
 
-from .grouter_fixtures import VOCAB, random_ids, tiny_grouter
+from tests.grouter.grouter_fixtures import VOCAB, random_ids, tiny_grouter
 
 torch.set_num_threads(1)
 SEQ = 24

@@ -12,7 +12,7 @@ from megatron_grouter.errors import UserError
 from megatron_grouter.grouter import (grouter_fingerprint, load_grouter, new_provenance, save_grouter,
                                       with_history_step)
 
-from .grouter_fixtures import TOKENIZER, random_ids, tiny_grouter
+from tests.grouter.grouter_fixtures import TOKENIZER, random_ids, tiny_grouter
 
 torch.set_num_threads(1)
 PROVENANCE = new_provenance(source_model="Qwen/Qwen3-30B-A3B", source_layer=0, tokens_seen=12345)

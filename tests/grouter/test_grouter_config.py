@@ -10,7 +10,7 @@ import torch
 from megatron_grouter.errors import UserError
 from megatron_grouter.grouter import Grouter, GrouterConfig, count_parameters
 
-from .grouter_fixtures import tiny_config
+from tests.grouter.grouter_fixtures import tiny_config
 
 QWEN3_VOCAB = 151_936
 

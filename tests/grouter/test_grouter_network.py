@@ -8,7 +8,7 @@ import torch
 from megatron_grouter.errors import UserError
 from megatron_grouter.grouter.gating import select_experts
 
-from .grouter_fixtures import VOCAB, random_ids, tiny_grouter
+from tests.grouter.grouter_fixtures import VOCAB, random_ids, tiny_grouter
 
 torch.set_num_threads(1)
 ENCODERS = ["mha", "residual_linear"]

@@ -80,7 +80,7 @@ def reference_logits(state: dict[str, torch.Tensor], ids_BS: torch.Tensor) -> to
         p = f"model.layers.{layer}."
         h = _rms(x, s[p + "input_layernorm.weight"])
 
-        def heads(name):
+        def heads(name, h=h, p=p):
             return (h @ s[p + f"self_attn.{name}.weight"].T).view(batch, seq, HEADS, head_dim).transpose(1, 2)
 
         q, k, v = heads("q_proj"), heads("k_proj"), heads("v_proj")

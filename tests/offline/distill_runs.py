@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "sources"))
-from hf_tiny_checkpoints import tiny_config  # noqa: E402
+from tests.sources.hf_tiny_checkpoints import tiny_config
 
 SMALL_GROUTER = ["grouter.hidden_size=64", "grouter.num_layers=2", "grouter.num_heads=4",
                  "grouter.window=64"]

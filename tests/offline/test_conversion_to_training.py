@@ -3,7 +3,6 @@ expanded one on the corpus, and train megatron MoE models with each of them froz
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,9 @@ from megatron_grouter.errors import UserError
 from megatron_grouter.grouter.checkpoint import load_grouter
 from megatron_grouter.offline.convert_cli import run_affinity, run_expand, run_fold, run_tune
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "routing"))
-from distill_runs import compose_tool  # noqa: E402
-from grouter_fixtures import TOPK, random_grouter, small_corpus  # noqa: E402
-from train_runs import read_metrics, train_in_process  # noqa: E402
+from tests.offline.distill_runs import compose_tool
+from tests.routing.grouter_fixtures import TOPK, random_grouter, small_corpus
+from tests.train_runs import read_metrics, train_in_process
 
 SOURCE_EXPERTS = 16
 

@@ -7,8 +7,8 @@ import pytest
 from megatron_grouter.errors import UserError
 from megatron_grouter.grouter.checkpoint import load_grouter
 from megatron_grouter.offline.distill import distill
-from distill_runs import SMALL_GROUTER, compose_tool, tiny_teacher_on_corpus
-from train_runs import MICRO_MODEL, data_overrides, train_in_process
+from tests.offline.distill_runs import SMALL_GROUTER, compose_tool, tiny_teacher_on_corpus
+from tests.train_runs import MICRO_MODEL, data_overrides, train_in_process
 
 FAMILIES = ["qwen3_moe", "olmoe", "mixtral", "deepseek_v3", "gpt_oss"]
 
@@ -64,9 +64,7 @@ def test_distillation_resumes(stdlib_data, tmp_path):
 
 
 def test_dataset_with_another_tokenizer_is_refused(stdlib_data, tmp_path):
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent.parent / "sources"))
-    from hf_tiny_checkpoints import make_tiny_checkpoint
+    from tests.sources.hf_tiny_checkpoints import make_tiny_checkpoint
 
     teacher = make_tiny_checkpoint("qwen3_moe", str(tmp_path / "teacher"))  # its own 320-token BPE
     with pytest.raises(UserError, match="another tokenizer"):

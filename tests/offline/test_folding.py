@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,8 @@ from megatron_grouter.offline.expanding import collect_routing, expand_grouter
 from megatron_grouter.offline.folding import (fold_groups, fold_grouter, group_sizes, mapping_matrix,
                                               within_group_mass)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "routing"))
-from distill_runs import compose_tool  # noqa: E402
-from grouter_fixtures import random_grouter, small_corpus  # noqa: E402
+from tests.offline.distill_runs import compose_tool
+from tests.routing.grouter_fixtures import random_grouter, small_corpus
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +210,7 @@ def test_expand_tool_with_topk2_moves_parent_tokens_to_children_exactly(corpus, 
 
 @pytest.mark.slow
 def test_affinity_under_torchrun_equals_one_process(corpus, grouter_dir, tmp_path):
-    from train_runs import torchrun
+    from tests.train_runs import torchrun
 
     common = [f"grouter={grouter_dir}", f"data.prefix={corpus['prefix']}", "progress=false",
               "batch_size=8", f"max_tokens={64 * 60}"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +11,8 @@ from megatron_grouter.grouter.checkpoint import load_grouter, save_grouter
 from megatron_grouter.offline.convert_cli import run_tune
 from megatron_grouter.offline.tuning import load_balancing_loss
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "routing"))
-from distill_runs import compose_tool  # noqa: E402
-from grouter_fixtures import random_grouter, small_corpus  # noqa: E402
+from tests.offline.distill_runs import compose_tool
+from tests.routing.grouter_fixtures import random_grouter, small_corpus
 
 HEAVY_EXPERTS, EXTRA_LOGIT = (0, 1), 4.0
 
@@ -105,11 +102,11 @@ def test_tuning_keeps_its_best_held_out_state_never_a_worse_one(corpus, tmp_path
 
 def test_load_balancing_loss_is_one_when_balanced_and_pushes_heavy_experts_down():
     logits_TE = torch.zeros(64, 4, requires_grad=True)
-    assert float(load_balancing_loss(logits_TE, 1, counts_E=torch.full((4,), 16))) == pytest.approx(1.0)
+    assert load_balancing_loss(logits_TE, 1, counts_E=torch.full((4,), 16)).item() == pytest.approx(1.0)
     skewed_TE = torch.tensor([[3.0, 0, 0, 0]] * 64, requires_grad=True)
     loss = load_balancing_loss(skewed_TE, 1)
     loss.backward()
-    assert float(loss) > 1.5 and (skewed_TE.grad[:, 0] > 0).all()
+    assert loss.item() > 1.5 and (skewed_TE.grad[:, 0] > 0).all()
 
 
 def test_bad_settings_are_refused(corpus, imbalanced_grouter, tmp_path):

@@ -13,7 +13,7 @@ from megatron_grouter.placement.group_refinement import dedup_sends, refine_grou
 from megatron_grouter.placement.synthetic import planted_block_routing
 from megatron_grouter.placement.token_patterns import build_patterns
 
-from .routing_fixtures import random_equal_groups, random_routing
+from tests.placement.routing_fixtures import random_equal_groups, random_routing
 
 
 def same_partition(groups_a: np.ndarray, groups_b: np.ndarray) -> bool:

@@ -9,7 +9,7 @@ from megatron_grouter.placement.layout import contiguous_expert_to_rank, default
 from megatron_grouter.placement.rank_hits import rank_hits
 from megatron_grouter.placement.routing_input import check_topk
 from megatron_grouter.placement.volumes import compute_volumes
-from .routing_fixtures import random_equal_groups, random_routing
+from tests.placement.routing_fixtures import random_equal_groups, random_routing
 
 
 def reference_volumes(topk_SLK, expert_to_rank, sample_rank_S, ranks_per_node):

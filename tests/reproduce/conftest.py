@@ -7,17 +7,16 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
 def micro_corpus() -> dict:
-    """The first 100 stdlib documents with a 512-token BPE, prepared once into data/stdlib-micro."""
+    """The first 100 stdlib documents with a 512-token BPE, prepared once into
+    data/stdlib-micro-py<X.Y> (this interpreter's stdlib: one per test lane)."""
     from megatron_grouter.data.default_corpus import prepare_default_corpus
 
-    out_dir = REPO / "data" / "stdlib-micro"
+    out_dir = REPO / "data" / f"stdlib-micro-py{sys.version_info.major}.{sys.version_info.minor}"
     paths = prepare_default_corpus(str(out_dir), vocab_size=512, max_documents=100)
     return {"prefix": str(paths.prefix), "tokenizer": str(paths.tokenizer_dir), "out_dir": str(out_dir)}
 
@@ -25,9 +24,9 @@ def micro_corpus() -> dict:
 @pytest.fixture(scope="session")
 def two_runs(micro_corpus, tmp_path_factory) -> dict:
     """Real mg-train runs of the micro model: 12 steps (checkpoints every 4) and 4 steps."""
-    from train_runs import data_overrides, train_in_process
+    from tests.train_runs import data_overrides, train_in_process
 
-    from reproduce_runs import MICRO_SHAPE
+    from tests.reproduce.reproduce_runs import MICRO_SHAPE
 
     root = tmp_path_factory.mktemp("runs")
     shape = [*MICRO_SHAPE, "model.num_experts=4"]

@@ -10,7 +10,7 @@ from megatron_grouter.errors import UserError
 from megatron_grouter.reproduce.routers import router_overrides
 from megatron_grouter.reproduce.stages import Stage
 
-from reproduce_runs import reproduce_in_process
+from tests.reproduce.reproduce_runs import reproduce_in_process
 
 
 def test_unknown_target_router():
@@ -57,7 +57,7 @@ def test_tuning_variant_row_needs_its_objective():
 
 
 def test_parallel_runs_need_the_subprocess_launcher(tmp_path):
-    from reproduce_runs import compose_reproduce
+    from tests.reproduce.reproduce_runs import compose_reproduce
 
     from megatron_grouter.reproduce.pipeline import Pipeline
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from megatron_grouter.reproduce.jobs import run_job
 from megatron_grouter.reproduce.pipeline import Pipeline
-from reproduce_runs import compose_reproduce
-from tiny_dataset import TINY_MODEL, tiny_dataset
+from tests.reproduce.reproduce_runs import compose_reproduce
+from tests.tiny_dataset import TINY_MODEL, tiny_dataset
 
 
 def test_subprocess_job_runs_in_the_callers_directory(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from reproduce_runs import micro_overrides, reproduce_in_process
+from tests.reproduce.reproduce_runs import micro_overrides, reproduce_in_process
 
 ROUTERS = ["aux_loss", "grouter_tuned"]
 STAGES = ["source", "distill", "fold", "tune", "predispatch", "target-aux_loss-s1", "target-grouter_tuned-s1",

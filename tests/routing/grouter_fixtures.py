@@ -38,12 +38,8 @@ def random_grouter(tokenizer_path: str, out_dir: Path, seed: int = 0, num_expert
 
 def predispatched_corpus(stdlib_data: dict, root: Path, documents: int = 40) -> dict:
     """A small corpus, a random Grouter over it and its routing cache (mg-predispatch)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent.parent / "offline"))
-    from distill_runs import compose_tool
-
     from megatron_grouter.offline.predispatch import predispatch
+    from tests.offline.distill_runs import compose_tool
 
     data = small_corpus(stdlib_data, root / "corpus", documents=documents)
     grouter = random_grouter(data["tokenizer"], root / "grouter")

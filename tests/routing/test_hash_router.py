@@ -4,7 +4,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_grouter.routing.hash_table import balanced_hash_table, expert_loads, token_frequencies
-from train_runs import MICRO_MODEL, data_overrides, read_metrics, train_in_process, val_losses
+from tests.train_runs import MICRO_MODEL, data_overrides, read_metrics, train_in_process, val_losses
 
 
 def test_hash_table_balances_default_corpus_within_5_percent(stdlib_data):

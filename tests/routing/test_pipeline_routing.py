@@ -4,8 +4,8 @@ micro-batch i+1 before backward of i) trains the same model as PP=1."""
 
 import pytest
 
-from grouter_fixtures import predispatched_corpus
-from train_runs import MICRO_MODEL, read_metrics, torchrun, train_in_process
+from tests.routing.grouter_fixtures import predispatched_corpus
+from tests.train_runs import MICRO_MODEL, read_metrics, torchrun, train_in_process
 
 # 4 micro-batches per step: 1F1B really interleaves forwards and backwards
 MODEL = [*MICRO_MODEL, "train.micro_batch_size=2"]

@@ -2,7 +2,7 @@
 
 import math
 
-from train_runs import MICRO_MODEL, data_overrides, read_metrics, torchrun, train_in_process, val_losses
+from tests.train_runs import MICRO_MODEL, data_overrides, read_metrics, torchrun, train_in_process, val_losses
 
 
 def test_probmoe_dynamic_k_trains_within_its_range(stdlib_data, tmp_path):

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from hf_tiny_checkpoints import VOCAB_SIZE, make_tiny_checkpoint
+from tests.sources.hf_tiny_checkpoints import VOCAB_SIZE, make_tiny_checkpoint
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.offline.sources import HFPartialSource

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_tiny_checkpoints import FAMILY_TYPES, VOCAB_SIZE, load_full_model, make_tiny_checkpoint
+from tests.sources.hf_tiny_checkpoints import FAMILY_TYPES, VOCAB_SIZE, load_full_model, make_tiny_checkpoint
 
 from megatron_grouter.offline.sources import HFPartialSource, TeacherSource
 

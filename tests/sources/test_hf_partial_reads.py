@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from hf_tiny_checkpoints import FAMILY_TYPES, load_full_model, make_tiny_checkpoint, tiny_config
+from tests.sources.hf_tiny_checkpoints import FAMILY_TYPES, load_full_model, make_tiny_checkpoint, tiny_config
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_tiny_checkpoints import VOCAB_SIZE, load_full_model, make_tiny_checkpoint
+from tests.sources.hf_tiny_checkpoints import VOCAB_SIZE, load_full_model, make_tiny_checkpoint
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.offline.sources import HFPartialSource
@@ -50,7 +50,7 @@ def test_routed_logits_select_what_the_model_selects(tmp_path, model_type):
 
 
 def test_deepseek_v2_group_limited_greedy(tmp_path):
-    from hf_tiny_checkpoints import tiny_config, randomise_all_tensors
+    from tests.sources.hf_tiny_checkpoints import tiny_config, randomise_all_tensors
     from transformers import AutoModelForCausalLM
 
     config = tiny_config("deepseek_v2")
@@ -75,7 +75,7 @@ def test_plain_topk_family_stays_raw_and_unknown_target_is_refused(tmp_path):
 
 def test_llama4_multimodal_checkpoint_reads_only_its_text_decoder(tmp_path):
     """Llama-4 Scout/Maverick ship as model_type llama4 (vision + text); the teacher is the text part."""
-    from hf_tiny_checkpoints import randomise_all_tensors, tiny_config
+    from tests.sources.hf_tiny_checkpoints import randomise_all_tensors, tiny_config
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
     vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,

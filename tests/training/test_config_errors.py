@@ -7,7 +7,7 @@ import pytest
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.training.config import to_train_config, validate
-from train_runs import REPO, compose
+from tests.train_runs import REPO, compose
 
 
 def config(*overrides):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from train_runs import MICRO_MODEL, data_overrides, torchrun, train_losses
+from tests.train_runs import MICRO_MODEL, data_overrides, torchrun, train_losses
 
 
 @pytest.mark.slow

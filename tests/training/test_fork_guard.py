@@ -8,7 +8,7 @@ import sys
 import textwrap
 import time
 
-from train_runs import REPO
+from tests.train_runs import REPO
 
 TRAINER = textwrap.dedent("""
     import multiprocessing, sys, time

@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_grouter.training.trainer import NonFiniteLoss
-from train_runs import MICRO_MODEL, data_overrides, train_in_process
+from tests.train_runs import MICRO_MODEL, data_overrides, train_in_process
 
 
 def test_diverging_run_stops_with_the_last_good_checkpoint(stdlib_data, tmp_path):

@@ -3,7 +3,7 @@
 import shutil
 
 from megatron_grouter.training.checkpoint import find_latest
-from train_runs import MICRO_MODEL, data_overrides, train_in_process, train_losses
+from tests.train_runs import MICRO_MODEL, data_overrides, train_in_process, train_losses
 
 
 def run(data, out_dir, extra):

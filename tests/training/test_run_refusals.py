@@ -13,8 +13,8 @@ import torch
 from megatron_grouter.errors import UserError
 from megatron_grouter.training.config import to_train_config, validate
 from megatron_grouter.training.run_lock import LOCK_NAME, RunLock
-from tiny_dataset import TINY_MODEL, tiny_dataset
-from train_runs import REPO, compose, data_overrides, train_in_process
+from tests.tiny_dataset import TINY_MODEL, tiny_dataset
+from tests.train_runs import REPO, compose, data_overrides, train_in_process
 
 HOLDER = textwrap.dedent("""
     import multiprocessing, sys, time

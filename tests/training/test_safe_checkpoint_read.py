@@ -20,7 +20,7 @@ import torch
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.training.safe_checkpoint_read import read_metadata_safely, verify_checkpoint_safe
-from train_runs import MICRO_MODEL, REPO, data_overrides, train_in_process
+from tests.train_runs import MICRO_MODEL, REPO, data_overrides, train_in_process
 
 
 class Payload:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from train_runs import (MICRO_MODEL, compose, data_overrides, read_metrics, torchrun,
+from tests.train_runs import (MICRO_MODEL, compose, data_overrides, read_metrics, torchrun,
                         train_in_process, train_losses)
 
 

@@ -1,6 +1,6 @@
 """A tiny MoE pretraining on the built-in corpus learns: validation loss falls clearly."""
 
-from train_runs import MICRO_MODEL, data_overrides, read_metrics, train_in_process, val_losses
+from tests.train_runs import MICRO_MODEL, data_overrides, read_metrics, train_in_process, val_losses
 
 
 def test_validation_loss_falls_on_default_corpus(stdlib_data, tmp_path):
