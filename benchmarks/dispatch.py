@@ -1,11 +1,15 @@
 """MoE step time of the planned dispatcher against megatron-core's alltoall dispatcher.
 
-A stack of megatron MoELayers per EP rank (gloo on CPU, NCCL with one GPU per rank), preemptive
-routing (FixedRouter over a fixed random top-k), forward + backward. Dispatchers on the same
-layers, interleaved step by step so that machine noise hits them alike; the per-micro-batch
-planning runs inside the timed step (the PlannedDispatchHook of training):
+A stack of MoE layers per EP rank and dispatcher (gloo on CPU, NCCL with one GPU per rank), all
+with the same weights: megatron's MoELayer with its own dispatchers, our PluginMoELayer with the
+planned dispatcher, built from megatron's layer spec like mg-train builds them; preemptive routing
+(FixedRouter over a fixed random top-k, one `route_micro_batch` routing served to the layers as
+the forward step does), forward + backward. Dispatchers interleaved step by step so that machine
+noise hits them alike; the planning of the step's micro-batch runs inside the timed step (the
+trainer's DispatchPlanner):
   planned   — offline plans (a DispatchPlanBook): the plan is looked up, no collective
   exchange  — the same dispatcher, counts all-gathered once per step for all layers
+              (DispatchPlanner without a book: one all-gather per step)
   counted   — the planned dispatcher counting at run time in every layer (all-gather + host copy)
   alltoall  — megatron-core's MoEAlltoAllTokenDispatcher: the named baseline
   allgather — megatron-core's MoEAllGatherTokenDispatcher (the CPU default)
@@ -23,7 +27,6 @@ import argparse
 import os
 import statistics
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.multiprocessing as mp
@@ -31,76 +34,86 @@ import torch.multiprocessing as mp
 DISPATCHERS = ("planned", "exchange", "counted", "alltoall", "allgather")
 
 
-def build_layer(args, routing_context):
-    import functools
-
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+def layer_config(args, dispatcher_type: str):
     from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_grouter.routing.preemptive_router import FixedRouter
-
-    config = TransformerConfig(
+    return TransformerConfig(
         num_layers=1, hidden_size=args.hidden, num_attention_heads=4, num_moe_experts=args.experts,
-        moe_ffn_hidden_size=args.ffn, moe_router_topk=args.topk, moe_token_dispatcher_type="allgather",
+        moe_ffn_hidden_size=args.ffn, moe_router_topk=args.topk, moe_token_dispatcher_type=dispatcher_type,
         expert_model_parallel_size=args.ep, use_cpu_initialization=True, add_bias_linear=False,
         gated_linear_unit=True, activation_func=torch.nn.functional.silu,
         moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
         bias_dropout_fusion=False, gradient_accumulation_fusion=False)
-    spec = get_moe_module_spec(use_te=False, num_experts=args.experts, moe_grouped_gemm=False)
-    spec.submodules.router = functools.partial(FixedRouter, context=routing_context)
-    return build_module(spec, config=config)
 
 
-def alltoall_dispatcher(layer):
-    """megatron-core's all-to-all dispatcher for `layer`, on the process groups its dispatcher uses."""
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+def build_layer(args, routing_context, dispatcher: str):
+    """One MoE layer routed by the FixedRouter: megatron's own MoELayer with its allgather or
+    alltoall dispatcher (picked by the config's moe_token_dispatcher_type), or — `planned` — our
+    PluginMoELayer with the planned dispatcher, both built from megatron's layer spec the way
+    mg-train builds them (megatron_compat.plugin_moe_spec)."""
+    import functools
 
-    built = layer.token_dispatcher
-    groups = ProcessGroupCollection()
-    groups.ep, groups.expt_tp, groups.tp_ep = built.ep_group, built.tp_group, built.tp_ep_group
-    return MoEAlltoAllTokenDispatcher(layer.num_local_experts, layer.local_expert_indices, layer.config,
-                                      pg_collection=groups)
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_grouter.dispatch.planned_dispatcher import PlannedAllToAllDispatcher
+    from megatron_grouter.megatron_compat import building_plugin_layers, plugin_moe_spec
+    from megatron_grouter.routing.preemptive_router import FixedRouter
+    from megatron_grouter.training.moe_layer import PluginMoELayer
+
+    mlp_spec = get_moe_module_spec(use_te=False, num_experts=args.experts, moe_grouped_gemm=False)
+    router = functools.partial(FixedRouter, context=routing_context)
+    if dispatcher == "planned":
+        spec = plugin_moe_spec(mlp_spec, PluginMoELayer, router, dispatcher_builder=functools.partial(
+            PlannedAllToAllDispatcher, context=routing_context))
+        config = layer_config(args, "allgather")  # replaced by the dispatcher_builder's
+    else:
+        spec = plugin_moe_spec(mlp_spec, MoELayer, router)
+        config = layer_config(args, dispatcher)
+    with building_plugin_layers():
+        return spec(config=config)
 
 
-def switchable_layer(args, device, indices_TK: torch.Tensor, weights_TK: torch.Tensor, plan, layers: int = 1):
-    """`layers` MoE layers routed by indices_TK/weights_TK, and `use(name)` that picks their
-    dispatcher: planned (given `plan`), counted (planned dispatcher without a plan), megatron's
-    allgather or alltoall. Returns (forward, use, dispatch context, routing context)."""
-    from megatron_grouter.dispatch.context import DispatchContext
-    from megatron_grouter.dispatch.planned_dispatcher import install_planned_dispatchers
-    from megatron_grouter.routing.context import Routing, RoutingContext
+STACK_OF = {"planned": "planned", "exchange": "planned", "counted": "planned",
+            "alltoall": "alltoall", "allgather": "allgather"}
 
-    routing_context = RoutingContext()
-    dispatch_context = DispatchContext()
-    stack, dispatchers = torch.nn.ModuleList(), []
-    for _ in range(layers):
-        layer = build_layer(args, routing_context).to(device)
-        choices = {"allgather": layer.token_dispatcher,
-                   "alltoall": alltoall_dispatcher(layer) if args.ep > 1 else layer.token_dispatcher}
-        install_planned_dispatchers(layer, dispatch_context)
-        choices["planned"] = layer.token_dispatcher
-        stack.append(layer)
-        dispatchers.append(choices)
-    routing_context.set(Routing(indices_TK.view(args.tokens, 1, args.topk).to(device),
-                                weights_TK.view(args.tokens, 1, args.topk).to(device)))
 
-    def use(name: str) -> None:
-        for layer, choices in zip(stack, dispatchers):
-            layer.token_dispatcher = choices.get(name, choices["planned"])
-        if name == "planned" and plan is not None:
-            dispatch_context.set(plan)
-        else:
-            dispatch_context.clear()
+class LayerStacks:
+    """`layers` MoE layers per dispatcher, routed by indices_TK/weights_TK, with identical weights:
+    megatron's MoELayer with its allgather and its alltoall dispatcher, and PluginMoELayer with the
+    planned dispatcher (shared by planned, exchange and counted: they differ only in the plan they
+    serve). A dispatcher cannot be swapped into a built layer, so each has its own stack; the
+    weights of the allgather stack are copied into the others (state_dict)."""
 
-    def forward(hidden_TBH):
-        for layer in stack:
-            hidden_TBH = layer(hidden_TBH)[0]
+    def __init__(self, args, device: torch.device, indices_TK: torch.Tensor, weights_TK: torch.Tensor,
+                 layers: int = 1):
+        from megatron_grouter.routing.context import RoutingContext
+        from megatron_grouter.routing.microbatch import RoutingRule, route_micro_batch
+
+        self.routing_context = RoutingContext()
+        kinds = ("allgather", "alltoall", "planned") if args.ep > 1 else ("allgather", "planned")
+        self.stacks = {kind: torch.nn.ModuleList(build_layer(args, self.routing_context, kind)
+                                                 for _ in range(layers)).to(device) for kind in kinds}
+        if "alltoall" not in self.stacks:  # EP=1: megatron's alltoall is its allgather
+            self.stacks["alltoall"] = self.stacks["allgather"]
+        reference = self.stacks["allgather"].state_dict()
+        for kind in kinds[1:]:
+            self.stacks[kind].load_state_dict(reference)
+        # one micro-batch, batch-first [b=1, s=T, k] as a source gives it: sequence-first [T, 1, k]
+        self.host_routing = route_micro_batch(indices_TK.view(1, -1, indices_TK.shape[-1]),
+                                              weights_TK.view(1, -1, weights_TK.shape[-1]),
+                                              RoutingRule(args.experts))
+        self.routing = self.host_routing.to(device)  # what the forward step serves
+
+    def stack(self, name: str) -> torch.nn.ModuleList:
+        return self.stacks[STACK_OF[name]]
+
+    def forward(self, name: str, hidden_TBH: torch.Tensor, plan=None) -> torch.Tensor:
+        """The stack of dispatcher `name` on `hidden_TBH`, serving the routing (with `plan`)."""
+        with self.routing_context.serving(self.routing.with_plan(plan)):
+            for layer in self.stack(name):
+                hidden_TBH = layer(hidden_TBH)[0]
         return hidden_TBH
-
-    forward.layers = stack
-    return forward, use, dispatch_context, routing_context
 
 
 def rank_routing(args, rank: int) -> torch.Tensor:
@@ -123,8 +136,7 @@ def worker(rank: int, args, port: int, results) -> None:
 
     from megatron_grouter.dispatch.plan import routed_expert_counts
     from megatron_grouter.dispatch.plan_book import DispatchPlanBook
-    from megatron_grouter.dispatch.planning_hook import PlannedDispatchHook
-    from megatron_grouter.routing.context import Routing
+    from megatron_grouter.dispatch.planner import DispatchPlanner
     from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
 
     layout = init_distributed(expert_parallel=args.ep, num_experts=args.experts)
@@ -134,27 +146,21 @@ def worker(rank: int, args, port: int, results) -> None:
         book = DispatchPlanBook({}, counts_RE.numpy()[None, None, None].astype(np.int32))
         indices_TK = rank_routing(args, rank)
         weights_TK = torch.full((args.tokens, args.topk), 1.0 / args.topk)
-        forward, use, context, routing_context = switchable_layer(args, layout.device, indices_TK, weights_TK,
-                                                                  None, args.layers)
-        host_routing = SimpleNamespace(host_routing=Routing(indices_TK.view(args.tokens, 1, args.topk),
-                                                            weights_TK.view(args.tokens, 1, args.topk)))
+        stacks = LayerStacks(args, layout.device, indices_TK, weights_TK, args.layers)
+        assert torch.equal(stacks.host_routing.copies_E, counts_RE[rank])  # the book fits the routing
         group = parallel_state.get_expert_model_parallel_group()
-        hooks = {"planned": PlannedDispatchHook(host_routing, context, args.experts, group, layout.device, book=book),
-                 "exchange": PlannedDispatchHook(host_routing, context, args.experts, group, layout.device)}
-        trainer, batch = SimpleNamespace(training=True, step=0), SimpleNamespace(micro_batch_index=0)
+        # the trainer's planning of a step's micro-batches (here one), inside the timed step
+        planners = {"planned": DispatchPlanner(group, layout.device, book=book),
+                    "exchange": DispatchPlanner(group, layout.device)}
         hidden_TBH = torch.randn(args.tokens, 1, args.hidden, device=layout.device)
 
         def run(name: str) -> None:
-            hook = hooks.get(name)
-            if hook is not None:  # the training hook's planning, inside the step
-                hook.before_forward(trainer, batch)
+            planner = planners.get(name)
+            plan = None if planner is None else planner.plans([stacks.host_routing], step=0, training=True)[0]
             inputs = hidden_TBH.clone().requires_grad_(True)
-            forward(inputs).float().square().mean().backward()
-            if hook is not None:
-                hook.after_forward(trainer, batch)
+            stacks.forward(name, inputs, plan).float().square().mean().backward()
 
         def step(name: str) -> float:
-            use(name)
             dist.barrier()
             if layout.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -166,9 +172,9 @@ def worker(rank: int, args, port: int, results) -> None:
             return time.perf_counter() - started
 
         def counters(name: str) -> dict:
-            use(name)
             step_counters.collective_calls.clear()
-            sources = [hidden_TBH, *forward.layers.parameters(), *routing_context._routing.__dict__.values()]
+            tokens = stacks.routing.tokens_SBK
+            sources = [hidden_TBH, *stacks.stack(name).parameters(), tokens.slots, tokens.weights, tokens.routed]
             with step_counters.HostReads(sources) as reads:
                 run(name)
             calls = dict(step_counters.collective_calls)

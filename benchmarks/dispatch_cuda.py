@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from dispatch import rank_routing, switchable_layer
+from dispatch import LayerStacks, rank_routing
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     cli = parser.parse_args()
     args = SimpleNamespace(**vars(cli), ep=1)
 
-    from megatron_grouter.dispatch.plan import DispatchPlan, routed_expert_counts
+    from megatron_grouter.dispatch.plan import DispatchPlan
     from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
 
     layout = init_distributed(expert_parallel=1, num_experts=args.experts)
@@ -40,16 +40,15 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}")
     try:
         indices_TK = rank_routing(args, 0)
-        plan = DispatchPlan(routed_expert_counts(indices_TK, args.experts)[None])
-        forward, use, _, _ = switchable_layer(args, layout.device, indices_TK, torch.rand(args.tokens, args.topk), plan)
-        layer = forward.layers
+        stacks = LayerStacks(args, layout.device, indices_TK, torch.rand(args.tokens, args.topk))
+        plan = DispatchPlan(stacks.host_routing.copies_E[None])  # EP=1: this rank's counts are the plan
         hidden_TBH = torch.randn(args.tokens, 1, args.hidden, device=layout.device)
 
         def step(name: str):
-            use(name)
+            layer = stacks.stack(name)  # same weights in every stack, same parameter order
             layer.zero_grad(set_to_none=True)
             inputs = hidden_TBH.clone().requires_grad_(True)
-            output = forward(inputs)
+            output = stacks.forward(name, inputs, plan if name == "planned" else None)
             output.float().square().mean().backward()
             return output.detach(), inputs.grad, [p.grad.clone() for p in layer.parameters()]
 
