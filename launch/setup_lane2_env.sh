@@ -5,16 +5,16 @@
 # Prints the environment's directory on stdout (everything else goes to stderr). It lives outside
 # the clone, in ${MG_VENV_CACHE:-${XDG_CACHE_HOME:-~/.cache}/megatron-grouter/venvs}/lane2-<key>,
 # where <key> hashes what it installs: the interpreter's version, the clone's path (the editable
-# install points at it), the pins below, setup.py and this script. A rerun with the same key
-# reuses it without calling pip. A new one is built in a fresh `.build-*` directory and published
-# by renaming a symlink onto lane2-<key> once the install has finished and been checked, so an
-# install that was killed is never reused (its build directory is removed by the next build).
+# install points at it), the pins below, setup.py, pyproject.toml and this script. A rerun with
+# the same key reuses it without calling pip. A new one is built in a fresh `.build-*` directory
+# and published by renaming a symlink onto lane2-<key> once the install has finished and been
+# checked, so an install that was killed is never reused (the next build removes what it left).
 # Builds are serialised with a lock file. Once a new venv is published, the ones this clone had
 # under other keys (an older setup.py or pins) are removed.
 #
-# The pins win over setup.py's requirements: torch and megatron-core are installed first, then the
-# project's other requirements (read from its own metadata, with the `test` extra) under a
-# constraints file holding the pins, then the project itself editable without dependencies.
+# setup.py asks for ranges; the pins choose the lane's versions: they are installed first, then the
+# project editable with its `test` extra under a constraints file holding the pins (a setup.py
+# that excluded a pinned version fails here, with pip's resolver message).
 set -euo pipefail
 self=$(realpath "${BASH_SOURCE[0]}")
 cd "$(dirname "$self")/.."
@@ -39,7 +39,7 @@ if [[ "$version" != 3.12.* ]]; then
 fi
 
 # The clone's path is part of the key: the editable install points at it.
-key=$({ echo "python $version"; echo "$repo"; printf '%s\n' "${PINS[@]}"; cat setup.py "$self"; } | sha256sum | cut -c1-16)
+key=$({ echo "python $version"; echo "$repo"; printf '%s\n' "${PINS[@]}"; cat setup.py "$self"; cat pyproject.toml 2>/dev/null || true; } | sha256sum | cut -c1-16)
 cache=${MG_VENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/megatron-grouter/venvs}
 venv=$cache/lane2-$key
 ready() { [[ -x "$1/bin/python" ]]; }
@@ -77,22 +77,7 @@ pip=("$build/bin/python" -m pip --disable-pip-version-check --quiet)
 constraints=$build/.mg-constraints.txt
 printf '%s\n' "${PINS[@]}" > "$constraints"
 "${pip[@]}" install "${PINS[@]}"
-"${pip[@]}" install --no-deps -e .
-# The project's requirements (and its test extra) from its metadata, minus the pinned packages.
-"$build/bin/python" - > "$build/.mg-requirements.txt" <<'EOF'
-from importlib.metadata import requires
-from packaging.requirements import Requirement
-
-pinned = {"torch", "megatron-core", "megatron_core"}
-for line in requires("megatron-grouter") or []:
-    req = Requirement(line)
-    if req.name.lower() in pinned:
-        continue
-    if req.marker is None or req.marker.evaluate({"extra": "test"}):
-        req.marker = None
-        print(req)
-EOF
-"${pip[@]}" install -c "$constraints" -r "$build/.mg-requirements.txt"
+"${pip[@]}" install -c "$constraints" -e ".[test]"
 "$build/bin/python" - "${PINS[@]}" <<'EOF'
 import sys
 from importlib.metadata import version
