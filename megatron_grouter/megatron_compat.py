@@ -146,3 +146,41 @@ def default_pg_collection():
 # Answer 3 — 0.17.0+: MoELayer builds its router with an extra `is_mtp_layer` keyword. Our routers
 # take megatron's keywords as `**megatron_kwargs` and pass them on to megatron's Router, so the
 # same classes serve every release (no function needed here; recorded for the next reader).
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer 4 — where the routers' auxiliary losses are tracked for logging.
+#   0.16.x–0.17.x: `moe_utils.get_moe_layer_wise_logging_tracker()`, the live dict
+#                  {name: {"values": [num_layers] tensor, ...}}, emptied by `clear_aux_losses_tracker()`.
+#   0.18.0+:       `moe_logging.get_moe_metrics_tracker()` (entries with `.values`, `.clear()`); the old
+#                  functions still exist but are deprecated, and the old getter returns a *copy*, so
+#                  clearing it clears nothing.
+
+def aux_loss_values() -> dict:
+    """{loss name: [layers] tensor of its values summed over this step's micro-batches}."""
+    if needs("0.18.0"):
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        return {name: entry.values for name, entry in get_moe_metrics_tracker().metrics.items()}
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    return {name: entry["values"] for name, entry in get_moe_layer_wise_logging_tracker().items()}
+
+
+def clear_aux_losses(new_model: bool = False) -> None:
+    """Zero every tracked auxiliary loss (after a step is logged); for a `new_model` also drop the
+    entries, which are sized by the number of layers of the model that created them."""
+    if needs("0.18.0"):
+        from megatron.core.transformer.moe import moe_logging
+
+        if new_model:
+            moe_logging.destroy_moe_metrics_tracker()
+        else:
+            moe_logging.get_moe_metrics_tracker().clear()
+        return
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    if new_model:
+        get_moe_layer_wise_logging_tracker().clear()
+    else:
+        clear_aux_losses_tracker()

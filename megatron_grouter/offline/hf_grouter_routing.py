@@ -44,7 +44,7 @@ def attach_grouter(model: nn.Module, grouter_dir: str | Path, export_info: dict 
     `export_info` defaults to the megatron_grouter_export.json beside `grouter_dir`.
     """
     from megatron_grouter.grouter.checkpoint import load_grouter
-    from megatron_grouter.routing.preemptive_router import threshold_mask
+    from megatron_grouter.routing.microbatch import threshold_mask
 
     grouter_dir = Path(grouter_dir)
     if export_info is None:

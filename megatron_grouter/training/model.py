@@ -20,7 +20,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_grouter.dispatch.planned_dispatcher import PlannedAllToAllDispatcher
-from megatron_grouter.megatron_compat import building_plugin_layers, plugin_moe_spec
+from megatron_grouter.megatron_compat import building_plugin_layers, clear_aux_losses, plugin_moe_spec
 from megatron_grouter.routing.context import RoutingContext
 from megatron_grouter.routing.registry import router_kind
 from megatron_grouter.training.config import ModelConfig, ParallelConfig, RouterConfig
@@ -150,6 +150,9 @@ def build_gpt_model(model: ModelConfig, router: RouterConfig, parallel: Parallel
             vp_stage=vp_stage,
         )
     check_plugin_layers(gpt_model, PlannedAllToAllDispatcher if parallel.dispatcher == "planned" else None)
+    # megatron's aux-loss tracker is process-global and sized by the model that first records;
+    # a new model starts with an empty one
+    clear_aux_losses(new_model=True)
     return gpt_model
 
 

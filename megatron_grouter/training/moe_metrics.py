@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.transformer.moe.moe_utils import (clear_aux_losses_tracker,
-                                                     get_moe_layer_wise_logging_tracker)
+
+from megatron_grouter.megatron_compat import aux_loss_values, clear_aux_losses
 
 
 def max_violation(load_E: torch.Tensor) -> float:
@@ -63,7 +63,7 @@ def collect_layer_loads(moe_layers: list, pattern: list[int], num_experts: int) 
 
 def _tracker_names() -> list[str]:
     """Tracked loss names of every stage (a stage without MoE layers tracks none)."""
-    names = sorted(get_moe_layer_wise_logging_tracker())
+    names = sorted(aux_loss_values())
     if not _pipeline_parallel():
         return names
     gathered = [None] * parallel_state.get_pipeline_model_parallel_world_size()
@@ -74,19 +74,19 @@ def _tracker_names() -> list[str]:
 def collect_aux_losses(num_microbatches: int, num_layers: int | None = None) -> dict[str, float]:
     """Mean over layers of each tracked auxiliary loss (megatron's tracker, one slot per layer of
     the whole model: `num_layers`), over every pipeline stage, averaged over DP."""
-    tracker = get_moe_layer_wise_logging_tracker()
+    tracker = aux_loss_values()
     losses: dict[str, float] = {}
     data_parallel = parallel_state.get_data_parallel_world_size()
     names = _tracker_names()
     for name in names:
         entry = tracker.get(name)
         # megatron's tracker rows have one slot per layer of the whole model
-        values = (entry["values"].detach().clone().float() if entry is not None
+        values = (entry.detach().clone().float() if entry is not None
                   else torch.zeros(num_layers, device=_metric_device()))
         values = _global_sum(values) / (data_parallel * num_microbatches)
         nonzero = values[values != 0]
         losses[name] = float(nonzero.mean()) if nonzero.numel() else 0.0
-    clear_aux_losses_tracker()
+    clear_aux_losses()
     return losses
 
 

@@ -4,16 +4,18 @@ Why: torch's `FileSystemReader.read_metadata` runs `pickle.load` on `<dir>/.meta
 `DefaultLoadPlanner.load_bytes` runs `torch.load(weights_only=False)` on every non-tensor item
 (`BytesStorageMetadata`, e.g. megatron's `_extra_state`) it reads from the `.distcp` shards. A
 pickle can call any importable function, so a checkpoint someone sent us could run code the moment
-`dist_checkpointing.load` touches it. megatron-core 0.16.1 also reads `common.pt` with a plain
-`torch.load` (weights-only by default in torch >= 2.6, unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is
-set).
+`dist_checkpointing.load` touches it. megatron-core 0.16.x–0.18.x keep the common (non-sharded)
+state in `common.pt`, read with a plain `torch.load` (weights-only by default in torch >= 2.6,
+unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set); 0.19.0+ write it as one more bytes item of the
+shards ("common_state", and `metadata.json` no longer names a common backend) but still read a
+`common.pt` they find.
 
 `verify_checkpoint_safe(path)` reads those same files first, without ever executing code:
   * `.metadata` with an unpickler that only resolves the classes torch's checkpoint metadata is
     made of (`SAFE_METADATA_GLOBALS`) plus torch dtypes; any other global is refused;
   * every bytes item, and `common.pt`, with `torch.load(weights_only=True)`;
-  * `metadata.json` must name the torch_dist / torch backends, the only ones whose reads are
-    covered here.
+  * `metadata.json` must name the torch_dist sharded backend and, where it names one (up to
+    0.18.x), the torch common backend: the only ones whose reads are covered here.
 It raises UserError (one line) on anything else, so every caller that loads a checkpoint calls it
 first: resume (`training.checkpoint.load_checkpoint`) and the megatron teacher source.
 """
@@ -139,7 +141,8 @@ def _check_backends(checkpoint_dir: Path) -> None:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is not JSON; the checkpoint is damaged") from None
-    backends = (config.get("sharded_backend"), config.get("common_backend")) if isinstance(config, dict) else None
+    backends = (config.get("sharded_backend"), config.get("common_backend", "torch")) \
+        if isinstance(config, dict) else None
     if backends != ("torch_dist", "torch"):
         raise UserError(f"{path} names backends {backends}; only torch_dist checkpoints (common "
                         "backend torch) can be read safely")

@@ -22,7 +22,6 @@ from megatron.core import parallel_state
 from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                        finalize_model_grads)
 from megatron.core.transformer.module import Float16Module
-from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.routing.context import RoutingContext
@@ -131,8 +130,6 @@ class Trainer:
         self.moe_layers = moe_layers(chunks)
         log_moe_layers(self.moe_layers)
         self.moe_pattern = moe_layer_pattern(config.model)
-        # megatron's aux-loss tracker is process-global; a new model starts with an empty one.
-        get_moe_layer_wise_logging_tracker().clear()
         self.forward_step = ForwardStep(self.routing_context, layout.device, train.seq_length)
         self._training = False
         self.step = 0

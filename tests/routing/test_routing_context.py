@@ -17,7 +17,7 @@ def token_ids_BS(batch: int, seq: int) -> torch.Tensor:
 
 
 def test_sequence_first_flattening_matches_megatron_token_order():
-    batch, seq, topk = 3, 5, 2
+    batch, seq = 3, 5
     ids_BS = token_ids_BS(batch, seq)
     indices_BSK = torch.stack([ids_BS, ids_BS + 1], dim=-1)
     context = RoutingContext()
