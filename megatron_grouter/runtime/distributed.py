@@ -66,8 +66,10 @@ def start_process_group(timeout_minutes: float = 30) -> str:
     """Start torch.distributed for this process unless it already runs; returns the backend.
 
     nccl with CUDA (on GPU LOCAL_RANK, which becomes the current device), gloo without. RANK and
-    WORLD_SIZE come from torchrun, or are 0 and 1 for a plain process, which also gets
-    MASTER_ADDR=127.0.0.1 and a free MASTER_PORT when they are not set.
+    WORLD_SIZE come from torchrun (or MASTER_ADDR/MASTER_PORT set by hand). A plain process without
+    them gets a one-rank group on a free loopback port, passed as the init method and never
+    written into os.environ: a child process started later must not inherit a port that may
+    still be listening here.
     """
     if dist.is_initialized():
         return dist.get_backend()
@@ -76,16 +78,15 @@ def start_process_group(timeout_minutes: float = 30) -> str:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if "MASTER_ADDR" not in os.environ:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(free_port())
-    elif "MASTER_PORT" not in os.environ:
-        if world_size > 1:
-            raise UserError(f"MASTER_ADDR={os.environ['MASTER_ADDR']} is set but MASTER_PORT is not; "
-                            "start the processes with torchrun or set MASTER_PORT")
-        os.environ["MASTER_PORT"] = str(free_port())
-    dist.init_process_group(backend=backend, world_size=world_size, rank=rank,
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if world_size == 1 and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
+                                world_size=1, rank=0, timeout=timeout)
+        return backend
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise UserError(f"WORLD_SIZE={world_size} needs MASTER_ADDR and MASTER_PORT; start the processes "
+                        "with torchrun or set both")
+    dist.init_process_group(backend=backend, world_size=world_size, rank=rank, timeout=timeout)
     return backend
 
 
