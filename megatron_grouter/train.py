@@ -27,8 +27,7 @@ def build_trainer(root, layout):
     from megatron_grouter.dispatch.setup import build_dispatch_planner
     from megatron_grouter.placement.plan_state import PlanIdentityHook
     from megatron_grouter.placement.training_plan import load_training_plan, traffic_meter
-    from megatron_grouter.routing.registry import router_kind
-    from megatron_grouter.routing.setup import build_preemptive_routing
+    from megatron_grouter.routing.setup import build_preemptive_routing, routing_rule
     from megatron_grouter.runtime.seed import set_seed
     from megatron_grouter.training.config import validate
     from megatron_grouter.training.data_setup import prepare_datasets
@@ -41,14 +40,13 @@ def build_trainer(root, layout):
     arguments = planned.trainer_arguments() if planned else {}
     trainer = Trainer(root, layout, data.train, data.valid, vocab_size=data.model_vocab_size, **arguments)
     trainer.hooks.append(PlanIdentityHook(planned.plan if planned else None, root.router.grouter.plan))
-    preemptive = router_kind(root.router.type).preemptive
-    planner = build_dispatch_planner(root, trainer, preemptive, planned)
+    rule = routing_rule(root, arguments.get("slot_of_expert"))  # None for learned routers
+    planner = build_dispatch_planner(root, trainer, rule, planned)
     traffic = traffic_meter(root, planned.plan if planned else None)
     if traffic is not None:
         trainer.hooks.append(traffic)
     trainer.routing_provider = build_preemptive_routing(
-        root, data.prefix, data.tokenizer, trainer.vocab_size, layout.device,
-        slot_of_expert=arguments.get("slot_of_expert"), planner=planner,
+        root, data.prefix, data.tokenizer, trainer.vocab_size, layout.device, rule, planner=planner,
         observers=[traffic] if traffic is not None else [])
     return trainer
 

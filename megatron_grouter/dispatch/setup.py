@@ -33,18 +33,18 @@ def load_book(root, trainer, training_plan, activation_threshold) -> DispatchPla
     return book
 
 
-def build_dispatch_planner(root, trainer, preemptive: bool, training_plan=None) -> DispatchPlanner | None:
-    """The planner, or None: learned routers leave the planned dispatchers to count."""
+def build_dispatch_planner(root, trainer, rule, training_plan=None) -> DispatchPlanner | None:
+    """The planner for routing by `rule` (routing.microbatch.RoutingRule), or None: learned
+    routers (no rule) leave the planned dispatchers to count."""
     from megatron.core import parallel_state
 
     if root.parallel.dispatcher != "planned":
         return None
-    if not preemptive:
+    if rule is None:
         log.info("planned dispatcher: router %s is learned, so each layer counts its tokens",
                  root.router.name)
         return None
-    threshold = root.router.grouter.activation_threshold if root.router.type == "grouter_fixed" else None
-    book = load_book(root, trainer, training_plan, threshold)
+    book = load_book(root, trainer, training_plan, rule.activation_threshold)
     log.info("planned dispatcher: all-to-all splits planned on the host from %s routing%s",
              root.router.name, " (verified in every layer and across ranks)" if root.parallel.verify_dispatch_plan else "")
     return DispatchPlanner(parallel_state.get_expert_model_parallel_group(), trainer.layout.device,

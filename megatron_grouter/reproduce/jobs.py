@@ -167,13 +167,8 @@ def _run_in_process(tool: Tool, args: list[str], label: str) -> None:
         job(args)
         return
     threads = torch.get_num_threads()
-    rendezvous = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
     cfg = compose_config(tool.config_dir, tool.config_name, args)
     try:
         job(cfg)
     finally:
         torch.set_num_threads(threads)
-        # init_distributed picks a free port once per process; the next job needs a fresh one.
-        for key, value in rendezvous.items():
-            if value is None:
-                os.environ.pop(key, None)

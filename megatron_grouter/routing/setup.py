@@ -80,9 +80,12 @@ def build_hash_source(root, prefix: str, tokenizer, vocab_size: int) -> HashTabl
     return HashTableSource(torch.from_numpy(np.asarray(table_VK)))
 
 
-def routing_rule(root, slot_of_expert: torch.Tensor | None = None) -> RoutingRule:
-    """The run's rule from source top-k to layer routing: the placement's slots; for the fixed
-    router also the source weights' scaling and the dynamic activation threshold."""
+def routing_rule(root, slot_of_expert: torch.Tensor | None = None) -> RoutingRule | None:
+    """The run's rule from source top-k to layer routing (None for learned routers): the
+    placement's slots; for the fixed router also the source weights' scaling and the dynamic
+    activation threshold."""
+    if not router_kind(root.router.type).preemptive:
+        return None
     slots = None if slot_of_expert is None else slot_of_expert.long().cpu()
     if root.router.type != "grouter_fixed":
         return RoutingRule(root.model.num_experts, slots)
@@ -122,11 +125,12 @@ def build_routing_source(root, prefix: str, tokenizer, vocab_size: int, device: 
 
 
 def build_preemptive_routing(root, prefix: str, tokenizer, vocab_size: int, device: torch.device,
-                             slot_of_expert: torch.Tensor | None = None, planner=None,
+                             rule: RoutingRule | None, planner=None,
                              observers: list | None = None) -> PreemptiveRouting | None:
-    """What routes each micro-batch before the schedule runs, or None for learned routers."""
-    if not router_kind(root.router.type).preemptive:
+    """What routes each micro-batch by `rule` before the schedule runs, or None for learned
+    routers (no rule)."""
+    if rule is None:
         return None
     source, sees_future = build_routing_source(root, prefix, tokenizer, vocab_size, device)
-    return PreemptiveRouting(source, routing_rule(root, slot_of_expert), device, planner=planner,
-                             sees_future_tokens=sees_future, observers=observers)
+    return PreemptiveRouting(source, rule, device, planner=planner, sees_future_tokens=sees_future,
+                             observers=observers)

@@ -103,13 +103,8 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, exper
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     data_parallel = check_layout(world_size, tensor_parallel, pipeline_parallel, expert_parallel,
                                  num_experts)
-    backend = "nccl" if cuda else "gloo"
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    start_process_group(timeout_minutes)
+    backend = start_process_group(timeout_minutes)  # also makes GPU LOCAL_RANK the current device
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
