@@ -244,7 +244,7 @@ class Trainer:
             return
         if not path.exists():
             raise UserError(f"train.resume={resume} does not exist; use train.resume=auto or none")
-        state = ckpt.load_checkpoint(path, self.raw_chunks, self.optimizer)
+        state = ckpt.load_checkpoint(path, self.raw_chunks, self.optimizer, expected=self.train_state())
         for hook in (hook for hook in self.hooks if hasattr(hook, "check_resume")):
             hook.check_resume(state)
         self.step = int(state["step"])
