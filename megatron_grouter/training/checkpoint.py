@@ -13,7 +13,9 @@ either the previous complete checkpoint or the new one, never a half one that re
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -21,10 +23,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_grouter.atomic_files import publish_directory, write_text_atomic
 from megatron_grouter.errors import UserError
 from megatron_grouter.training.optimizer import torch_optimizers
+from megatron_grouter.training.resume_compat import check_resume_compatible
 from megatron_grouter.training.safe_checkpoint_read import verify_checkpoint_safe
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -89,17 +93,95 @@ def save_checkpoint(root: Path, step: int, model_chunks: list, optimizer, train_
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(sharded_state(model_chunks, optimizer, is_loading=False), str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
-    _barrier()
+    failure = None
+    try:
+        dist_checkpointing.save(sharded_state(model_chunks, optimizer, is_loading=False), str(tmp))
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    except (OSError, RuntimeError, CheckpointException) as error:  # (megatron's writers wrap an
+        failure = error  # OSError in a RuntimeError, torch's in a CheckpointException)
+    _raise_if_save_failed(failure, root, tmp, step)
     if _rank() == 0:
         state = dict(train_state, step=step, checkpoint_format=CHECKPOINT_FORMAT)
-        write_text_atomic(tmp / TRAIN_STATE, json.dumps(state, indent=2, sort_keys=True))
-        publish_directory(tmp, final)  # an older step_N is removed only once this one is in place
-        write_text_atomic(root / "latest", final.name + "\n")
+        try:
+            write_text_atomic(tmp / TRAIN_STATE, json.dumps(state, indent=2, sort_keys=True))
+            publish_directory(tmp, final)  # an older step_N is removed only once this one is in place
+            write_text_atomic(root / "latest", final.name + "\n")
+        except OSError as error:
+            failure = error
+    _raise_if_save_failed(failure, root, tmp, step)
     _barrier()
     return final
+
+
+def _raise_if_save_failed(failure: BaseException | None, root: Path, tmp: Path, step: int) -> None:
+    """Every rank learns whether any rank failed to write its part; then rank 0 removes the
+    partial directory (a full disk stays full otherwise) and each failed rank raises one line."""
+    failed = failure is not None
+    if dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([int(failed)], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        any_failed = bool(flag.item())
+    else:
+        any_failed = failed
+    if not any_failed:
+        return
+    partial_bytes = _tree_bytes(tmp)
+    _barrier()  # every rank measured the partial directory before rank 0 removes it
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise save_failure_error(failure, root, step, partial_bytes)
+
+
+def save_failure_error(failure: BaseException | None, root: Path, step: int, partial_bytes: int) -> Exception:
+    """A UserError for a full disk, naming the file system and the space a checkpoint needs; any
+    other failure is raised as it was (a bug, not bad input)."""
+    if failure is None:  # another rank failed: it reports why
+        return UserError(f"another rank failed while saving step {step}; freed the partial checkpoint "
+                         "(see that rank's error)")
+    if not _is_out_of_space(failure, root):
+        return failure
+    previous = find_latest(root)
+    needs = max(_tree_bytes(previous) if previous is not None else 0, partial_bytes)
+    return UserError(f"no space left on {_mount_point(root)} while saving step {step} (needs ~"
+                     f"{max(needs / 2**20, 0.1):.1f} MB); freed the partial checkpoint — free space or "
+                     "point train.out_dir at a larger disk, then resume (train.resume=auto)")
+
+
+def _is_out_of_space(failure: BaseException, root: Path) -> bool:
+    seen, error = set(), failure
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "[Errno 28]" in str(error) or "No space left" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    try:  # torch's zip writer reports a short write as "unexpected pos ..."
+        return shutil.disk_usage(root).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _tree_bytes(path: Path | None) -> int:
+    if path is None or not path.exists():
+        return 0
+    total = 0
+    for directory, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(directory, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _mount_point(path: Path) -> str:
+    path = Path(path).resolve()
+    while not os.path.ismount(path) and path.parent != path:
+        path = path.parent
+    return str(path)
 
 
 def is_complete(path: Path) -> bool:
@@ -137,13 +219,16 @@ def _restore_adam_steps(optimizer, step: int) -> None:
                 state["step"] = torch.tensor(float(step), dtype=torch.float32)
 
 
-def load_checkpoint(path: Path, model_chunks: list, optimizer) -> dict:
+def load_checkpoint(path: Path, model_chunks: list, optimizer, expected: dict | None = None) -> dict:
+    """Load `path` into the model and optimizer; `expected` (the resuming run's train state) is
+    compared with the checkpoint's before megatron reads anything."""
     path = Path(path)
     if not is_complete(path):
         raise UserError(f"{path} is not a complete checkpoint (no {TRAIN_STATE}); "
                         "pass another directory to train.resume or use train.resume=auto")
-    verify_checkpoint_safe(path)  # before dist_checkpointing unpickles anything in it
     train_state = json.loads((path / TRAIN_STATE).read_text())
+    check_resume_compatible(path, train_state, expected)
+    verify_checkpoint_safe(path)  # before dist_checkpointing unpickles anything in it
     if train_state.get("checkpoint_format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} was written by an older megatron-grouter trainer (torch AdamW "
                         "optimizer state, before megatron-core's optimizer); start a new run "
