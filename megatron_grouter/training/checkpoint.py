@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_grouter.atomic_files import publish_directory, write_text_atomic
 from megatron_grouter.errors import UserError
-from megatron_grouter.training.optimizer import torch_optimizers
+from megatron_grouter.training.optimizer_state import prepare_for_load, restore_step_counts
 from megatron_grouter.training.resume_compat import check_resume_compatible
 from megatron_grouter.training.safe_checkpoint_read import verify_checkpoint_safe
 
@@ -208,17 +208,6 @@ def _load_chunk_states(model_chunks: list, loaded_model: dict) -> None:
         chunk.load_state_dict(loaded_model[f"chunk{index}"], strict=True)
 
 
-def _restore_adam_steps(optimizer, step: int) -> None:
-    """torch AdamW keeps one `step` tensor per parameter (its bias correction). megatron's
-    distributed optimizer, without TE/apex, restores it as a single value shared by all
-    parameters (AdamW would then advance it once per parameter) or not at all. One update per
-    training step, so every parameter's count is the training step: set it, one tensor each."""
-    for chained in torch_optimizers(optimizer):
-        for state in chained.optimizer.state.values():
-            if "step" in state:
-                state["step"] = torch.tensor(float(step), dtype=torch.float32)
-
-
 def load_checkpoint(path: Path, model_chunks: list, optimizer, expected: dict | None = None) -> dict:
     """Load `path` into the model and optimizer; `expected` (the resuming run's train state) is
     compared with the checkpoint's before megatron reads anything."""
@@ -233,27 +222,15 @@ def load_checkpoint(path: Path, model_chunks: list, optimizer, expected: dict | 
         raise UserError(f"{path} was written by an older megatron-grouter trainer (torch AdamW "
                         "optimizer state, before megatron-core's optimizer); start a new run "
                         "(train.resume=none or another train.out_dir)")
-    # The distributed optimizer loads into existing Adam state: create it (a zero-lr step would
-    # move weights through weight decay; megatron's own init_state_fn only allocates).
     with torch.no_grad():
-        _allocate_optimizer_state(optimizer)
+        prepare_for_load(optimizer)
         loaded = dist_checkpointing.load(sharded_state(model_chunks, optimizer, is_loading=True),
                                          str(path))
         _load_chunk_states(model_chunks, loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
-    _restore_adam_steps(optimizer, int(train_state["step"]))
+    restore_step_counts(optimizer, int(train_state["step"]))
     rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return train_state
 
-
-def _allocate_optimizer_state(optimizer) -> None:
-    for chained in torch_optimizers(optimizer):
-        for group in chained.optimizer.param_groups:
-            for param in group["params"]:
-                state = chained.optimizer.state[param]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(param)
-                    state["exp_avg_sq"] = torch.zeros_like(param)
