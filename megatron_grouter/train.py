@@ -54,6 +54,7 @@ def build_trainer(root, layout):
 def train(cfg: DictConfig) -> dict:
     from megatron_grouter.runtime.distributed import init_distributed, shutdown_distributed
     from megatron_grouter.training.config import to_train_config, validate
+    from megatron_grouter.training.device_check import check_device
     from megatron_grouter.training import fork_guard
     from megatron_grouter.training.loggers import setup_console_logging
     from megatron_grouter.training.run_lock import hold_run_lock
@@ -61,6 +62,7 @@ def train(cfg: DictConfig) -> dict:
     fork_guard.install()  # megatron's forked checkpoint writers die with this process
     root = to_train_config(cfg)
     validate(root, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    check_device(root.train.device)  # a GPU preset without a GPU stops here, not on CPU over gloo
     layout = init_distributed(root.parallel.tensor, root.parallel.pipeline, root.parallel.expert,
                               num_experts=root.model.num_experts,
                               virtual_pipeline=root.parallel.virtual_pipeline)

@@ -141,6 +141,7 @@ class TrainConfig:
     fp32_main_params: bool = True  # with bf16: fp32 master weights and Adam moments
     recompute: str = "none"  # none | selective (core attention) | full (every layer)
     max_steps_this_run: Optional[int] = None  # stop early (keeps the schedule of `steps`)
+    device: str = "auto"  # auto (CUDA when present, else CPU) | cuda (refuse to start without a GPU)
 
 
 @dataclass
