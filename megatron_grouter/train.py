@@ -61,8 +61,8 @@ def train(cfg: DictConfig) -> dict:
 
     fork_guard.install()  # megatron's forked checkpoint writers die with this process
     root = to_train_config(cfg)
-    validate(root, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     check_device(root.train.device)  # a GPU preset without a GPU stops here, not on CPU over gloo
+    validate(root, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     layout = init_distributed(root.parallel.tensor, root.parallel.pipeline, root.parallel.expert,
                               num_experts=root.model.num_experts,
                               virtual_pipeline=root.parallel.virtual_pipeline)
