@@ -25,8 +25,8 @@ from typing import Iterator, Sequence
 
 from megatron_grouter.data.corpus_formats import (
     ARROW_SUFFIXES, JSON_SUFFIXES, PARQUET_SUFFIXES, SkipFile, Source, detect_compression, first_json_record,
-    head_bytes, hf_dataset_sources, inner_suffix, is_hf_dataset_dir, iter_columnar_records, iter_json_records,
-    looks_binary, read_all)
+    first_line, head_bytes, hf_dataset_sources, inner_suffix, is_hf_dataset_dir, iter_columnar_records,
+    iter_json_records, looks_binary, read_all)
 from megatron_grouter.errors import UserError
 
 log = logging.getLogger("megatron_grouter")
@@ -131,7 +131,10 @@ def _classify(path: Path, name: str, text_field: str, strict: bool, plan: Corpus
                             "check its permissions") from None
         raise SkipFile(f"unreadable ({type(error).__name__})") from None
     if suffix in JSON_SUFFIXES:
-        record = first_json_record(head)
+        try:
+            record = first_json_record(first_line(path, compression))  # (the head may cut it short)
+        except (OSError, UserError):  # read again (and reported) when the file is read
+            record = None
         if strict or (isinstance(record, dict) and text_field in record):
             return Source(path, name, "json", compression)  # the reader names any bad line
         plan.notes.append((name, f"read as plain text (not JSON lines with a {text_field!r} field)"))

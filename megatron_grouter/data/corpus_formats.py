@@ -29,6 +29,7 @@ COMPRESSION_SUFFIXES = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd":
                         ".bz2": "bz2", ".xz": "xz"}
 MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\xfd7zXZ\x00", "xz"))
 SNIFF_BYTES = 8192
+FIRST_LINE_LIMIT = 1 << 28  # the longest first JSON-lines record read to decide a file's format
 ARROW_BATCH_ROWS = 1024
 # A file whose first block has a NUL byte, or more than this share of control bytes, is binary.
 BINARY_CONTROL_SHARE = 0.1
@@ -123,6 +124,28 @@ def looks_binary(head: bytes) -> bool:
         return True
     control = sum(head.count(bytes([code])) for code in CONTROL_BYTES)
     return bool(head) and control / len(head) > BINARY_CONTROL_SHARE
+
+
+def first_line(path: Path, compression: str | None, limit: int = FIRST_LINE_LIMIT) -> bytes:
+    """The first non-empty line of the decompressed content, read to its end however long it is
+    (a JSON-lines record can be far longer than the sniffed head), up to `limit` bytes."""
+    try:
+        with open_bytes(path, compression) as stream:
+            line = b""
+            while len(line) < limit:
+                block = stream.readline(min(SNIFF_BYTES * 128, limit - len(line)))
+                if not block:
+                    break
+                line += block
+                if line.endswith(b"\n"):
+                    if line.strip():
+                        break
+                    line = b""
+            return line
+    except DECOMPRESSION_ERRORS as error:
+        if compression is None:
+            raise
+        raise _decompression_failed(path, compression, error) from None
 
 
 def first_json_record(head: bytes):

@@ -25,7 +25,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from megatron_grouter.atomic_files import publish_file
+from megatron_grouter.data.chunked_encoding import encode_arrays
 from megatron_grouter.data.corpus import Document
+from megatron_grouter.data.output_dirs import removed_if_failed
 from megatron_grouter.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_grouter.errors import UserError
 
@@ -59,11 +61,12 @@ def usable_cores() -> int:
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _pack(ids_per_document: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+def _pack(tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(all ids as one int32 array, length of each document): cheap to send between processes
-    (raw bytes, where a list of Python ints pickles item by item)."""
-    lengths = np.array([len(ids) for ids in ids_per_document], dtype=np.int64)
-    arrays = [np.asarray(ids, dtype=np.int32) for ids in ids_per_document if ids]
+    (raw bytes, where a list of Python ints pickles item by item). Long texts are encoded in
+    pieces (data/chunked_encoding.py), so memory stays a few times the text."""
+    arrays = encode_arrays(tokenizer, texts)
+    lengths = np.array([len(ids) for ids in arrays], dtype=np.int64)
     flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
     return flat, lengths
 
@@ -76,7 +79,7 @@ def _encode_in_worker(texts: list[str], tokenizer_path: str, sha256: str) -> tup
         _worker_tokenizer = load_tokenizer(tokenizer_path)
     if _worker_tokenizer.sha256 != sha256:
         raise UserError(f"{tokenizer_path} changed while tokenising; run again once it is stable")
-    return _pack(_worker_tokenizer.encode_batch(texts))
+    return _pack(_worker_tokenizer, texts)
 
 
 def _encoded_batches(batches: Iterator[list[Document]], tokenizer: Tokenizer,
@@ -96,7 +99,7 @@ def _encoded_batches(batches: Iterator[list[Document]], tokenizer: Tokenizer,
             batches = chain(head, batches)
     if workers <= 1:
         for batch in batches:
-            yield batch, _pack(tokenizer.encode_batch([document.text for document in batch]))
+            yield batch, _pack(tokenizer, [document.text for document in batch])
         return
     # spawn, not fork: a forked child inherits the parent's tokenizers thread pool in a broken state.
     context = multiprocessing.get_context("spawn")
@@ -127,18 +130,27 @@ def write_indexed_dataset(documents: Iterable[Document], tokenizer: Tokenizer, o
     """Tokenise `documents` (one indexed-dataset document each, EOD appended) into
     {output_prefix}.bin/.idx/.meta.json, atomically; `source` is recorded in the meta file, with
     the .bin's sha256 and largest token id (what training verifies: data/integrity.py).
-    `workers`: tokenising processes; None: one per usable core."""
+    `workers`: tokenising processes; None: one per usable core. A failure leaves no new empty
+    output directory behind."""
+    workers = usable_cores() if workers is None else workers
+    if workers < 1:
+        raise UserError(f"workers={workers}; use 1 (tokenise in this process) or more")
+    output_prefix = str(output_prefix)
+    with removed_if_failed(Path(output_prefix).parent):
+        Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+        return _write_indexed_dataset(documents, tokenizer, output_prefix, source, append_eod, workers,
+                                      batch_size, progress, extra_meta)
+
+
+def _write_indexed_dataset(documents: Iterable[Document], tokenizer: Tokenizer, output_prefix: str,
+                           source: str, append_eod: bool, workers: int, batch_size: int, progress: bool,
+                           extra_meta: dict | None) -> IndexedInfo:
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
 
     from megatron_grouter.data.integrity import scan_bin
 
-    workers = usable_cores() if workers is None else workers
-    if workers < 1:
-        raise UserError(f"workers={workers}; use 1 (tokenise in this process) or more")
-    output_prefix = str(output_prefix)
-    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = f"{output_prefix}.tmp{os.getpid()}"
     tmp_files = [tmp_prefix + suffix for suffix in (".bin", ".idx", ".meta.json")]
     num_documents = num_tokens = replaced = 0
@@ -176,8 +188,8 @@ def write_indexed_dataset(documents: Iterable[Document], tokenizer: Tokenizer, o
     return IndexedInfo(output_prefix, num_documents, num_tokens, replaced)
 
 
-def _index_token_count(prefix: str) -> tuple[int, int]:
-    """(tokens described by {prefix}.idx, bytes per token) as megatron reads the index."""
+def _index_counts(prefix: str) -> tuple[int, int, int]:
+    """(tokens, documents described by {prefix}.idx, bytes per token) as megatron reads the index."""
     from megatron.core.datasets.indexed_dataset import _IndexReader
 
     try:
@@ -185,7 +197,8 @@ def _index_token_count(prefix: str) -> tuple[int, int]:
     except Exception as error:  # megatron asserts on a bad header, numpy raises on a short file
         raise UserError(f"{prefix}.idx cannot be read ({type(error).__name__}); the file is corrupted — "
                         "preprocess again") from None
-    return int(index.sequence_lengths.sum(dtype=np.int64)), np.dtype(index.dtype).itemsize
+    return (int(index.sequence_lengths.sum(dtype=np.int64)), len(index.document_indices) - 1,
+            np.dtype(index.dtype).itemsize)
 
 
 def read_dataset_meta(prefix: str) -> dict:
@@ -201,12 +214,19 @@ def read_dataset_meta(prefix: str) -> dict:
         meta["tokenizer"]["sha256"], meta["num_tokens"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{prefix}.meta.json is not a dataset meta record; preprocess again") from None
-    index_tokens, item_size = _index_token_count(prefix)
+    index_tokens, index_documents, item_size = _index_counts(prefix)
     actual = Path(prefix + ".bin").stat().st_size
-    if actual != index_tokens * item_size or index_tokens != meta["num_tokens"]:
+    if actual != index_tokens * item_size:
         raise UserError(f"{prefix}.bin has {actual} bytes but its index describes "
-                        f"{index_tokens * item_size} (meta: {meta['num_tokens']} tokens); the file is "
-                        "truncated or corrupted — preprocess again")
+                        f"{index_tokens * item_size} ({index_tokens} tokens); the file is truncated or "
+                        "corrupted — preprocess again")
+    recorded_documents = meta.get("num_documents", index_documents)
+    if index_tokens != meta["num_tokens"] or recorded_documents != index_documents:
+        raise UserError(f"{prefix}.meta.json belongs to another dataset or tokenizer: it describes "
+                        f"{meta['num_tokens']} tokens in {recorded_documents} documents (tokenizer sha "
+                        f"{str(meta['tokenizer'].get('sha256'))[:12]}) but {prefix}.bin/.idx hold "
+                        f"{index_tokens} tokens in {index_documents} documents and agree with each other; "
+                        "put back the .meta.json written with them, or preprocess again")
     return meta
 
 

@@ -4,14 +4,17 @@
                               "architecture": GrouterConfig, "num_experts": E,
                               "tokenizer": {"vocab_size", "sha256"},
                               "tensors_sha256": sha256 of model.safetensors,
-                              "provenance": {source_model, source_layer, tokens_seen, history: [...]}}
+                              "provenance": {source_model, source_layer, tokens_seen, history: [...]},
+                              "config_sha256": sha256 of all the above (canonical JSON)}
     <dir>/model.safetensors  every parameter and the `expert_bias` buffer
 
 Saving writes both files into a fresh temporary directory beside the target and only then renames
 it into place, so a reader sees the old checkpoint or the new one, never half of one; a crash
 leaves at most a hidden `.<name>.*.tmp` directory that no loader looks at. Loading checks the
-format, the expert count and the tokenizer against what the caller will use it with, and the
-tensors' checksum, names, shapes and dtypes against the config, and refuses with one line.
+format, the config's own checksum (an edited config.json is refused; one saved before the
+checksum existed loads with a warning and `python -m megatron_grouter.grouter.checkpoint upgrade
+DIR` adds it), the expert count and the tokenizer against what the caller will use it with, and
+the tensors' checksum, names, shapes and dtypes against the config, and refuses with one line.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ FORMAT = "megatron-grouter/grouter"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "model.safetensors"
+CONFIG_CHECKSUM = "config_sha256"
 
 log = logging.getLogger("megatron_grouter")
 
@@ -93,6 +97,7 @@ def save_grouter(model: Grouter, directory: str | os.PathLike, provenance: dict[
             "provenance": _complete_provenance(provenance),
         }
         try:
+            header[CONFIG_CHECKSUM] = config_checksum(header)
             text = json.dumps(header, indent=2, allow_nan=False) + "\n"
         except (TypeError, ValueError) as error:
             raise UserError(f"Grouter provenance or tokenizer fingerprint is not plain JSON ({error}); "
@@ -151,7 +156,40 @@ def read_grouter_header(directory: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"Grouter at {path} has format_version={header.get('format_version')!r} but this "
                         f"megatron-grouter reads version {FORMAT_VERSION}; use a matching megatron-grouter "
                         "release or re-export the Grouter")
+    _check_config_checksum(path, header)
     return header
+
+
+def config_checksum(header: dict[str, Any]) -> str:
+    """sha256 of everything config.json says but the checksum itself (canonical JSON: keys sorted,
+    no spaces), so an edited architecture, tokenizer, tensor checksum or provenance is detected."""
+    covered = {key: value for key, value in header.items() if key != CONFIG_CHECKSUM}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True, separators=(",", ":"),
+                                     allow_nan=False).encode()).hexdigest()
+
+
+def _check_config_checksum(path: Path, header: dict[str, Any]) -> None:
+    recorded = header.get(CONFIG_CHECKSUM)
+    if recorded is None:
+        # Saved before config.json carried a checksum: still read, but its config is unverified.
+        log.warning("Grouter at %s predates config checksums: its config.json is not verified; upgrade "
+                    "it with `python -m megatron_grouter.grouter.checkpoint upgrade %s`", path, path)
+        return
+    try:
+        actual = config_checksum(header)
+    except ValueError:
+        actual = None
+    if actual != recorded:
+        raise UserError(f"Grouter at {path} has a config.json that was edited after saving (its "
+                        f"{CONFIG_CHECKSUM} differs): its architecture, tokenizer or tensor checksum no "
+                        "longer describe the trained weights; restore the original config.json, or distill "
+                        "a Grouter with the settings you want")
+
+
+def upgrade_checkpoint(directory: str | os.PathLike) -> Path:
+    """Re-save a Grouter saved before config checksums (all other checks run on load)."""
+    model, info = load_grouter(directory)
+    return save_grouter(model, directory, info.provenance, info.tokenizer)
 
 
 def grouter_fingerprint(directory: str | os.PathLike) -> str:
@@ -282,3 +320,19 @@ def _refuse_foreign_directory(target: Path) -> None:
                         "choose another output directory")
 
 
+def main(argv: list[str] | None = None) -> int:
+    """python -m megatron_grouter.grouter.checkpoint upgrade DIR: add the config checksum."""
+    import argparse
+    import sys
+
+    from megatron_grouter.app import command_status
+
+    parser = argparse.ArgumentParser(prog="python -m megatron_grouter.grouter.checkpoint")
+    parser.add_argument("action", choices=["upgrade"])
+    parser.add_argument("directory")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return command_status(lambda: print(f"upgraded {upgrade_checkpoint(args.directory)}"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -82,7 +82,13 @@ def preprocess(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    return command_status(lambda: preprocess(args))
+    from megatron_grouter.data.output_dirs import removed_if_failed
+
+    def job() -> str:
+        with removed_if_failed(Path(args.output_prefix).parent):  # a refusal leaves no empty directory
+            return preprocess(args)
+
+    return command_status(job)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,7 @@ def test_refuses_truncated_and_corrupted_tensors(tmp_path):
 def test_refuses_unreadable_or_mismatched_tensors_without_checksum(tmp_path):
     _, directory = saved(tmp_path)
     header = json.loads((directory / "config.json").read_text())
+    del header["config_sha256"]  # as saved before config checksums (unverified, still read)
     del header["tensors_sha256"]
     (directory / "config.json").write_text(json.dumps(header))
     tensors = directory / "model.safetensors"
@@ -148,6 +149,7 @@ def test_refuses_unreadable_or_mismatched_tensors_without_checksum(tmp_path):
 def test_refuses_invalid_architecture(tmp_path):
     _, directory = saved(tmp_path)
     header = json.loads((directory / "config.json").read_text())
+    del header["config_sha256"]  # as saved before config checksums (unverified, still read)
     header["architecture"]["topk"] = 99
     (directory / "config.json").write_text(json.dumps(header))
     assert "invalid architecture" in refusal(directory)
@@ -223,6 +225,7 @@ def test_checkpoint_without_causal_field_loads_as_bidirectional(tmp_path, caplog
     """Grouters saved before the flag existed had a bidirectional encoder: they stay one."""
     model, directory = saved(tmp_path, causal=False)
     header = json.loads((directory / "config.json").read_text())
+    del header["config_sha256"]  # as saved before config checksums (unverified, still read)
     del header["architecture"]["causal"]
     (directory / "config.json").write_text(json.dumps(header))
     with caplog.at_level("INFO", logger="megatron_grouter"):
@@ -232,3 +235,33 @@ def test_checkpoint_without_causal_field_loads_as_bidirectional(tmp_path, caplog
     ids_BS = random_ids(2, 16)
     with torch.no_grad():
         assert torch.equal(loaded.logits(ids_BS), model.logits(ids_BS))
+
+
+def test_edited_config_is_refused_by_its_checksum(tmp_path, caplog):
+    """A bidirectional Grouter relabelled causal would route on future tokens behind the guard."""
+    model, directory = saved(tmp_path, causal=False)
+    original = (directory / "config.json").read_text()
+    header = json.loads(original)
+    header["architecture"]["causal"] = True
+    (directory / "config.json").write_text(json.dumps(header, indent=2))
+    message = refusal(directory)
+    assert "config.json that was edited after saving" in message and "config_sha256" in message
+    (directory / "config.json").write_text(original)
+    load_grouter(directory)  # the saved text, reformatted or not, verifies
+    (directory / "config.json").write_text(json.dumps(json.loads(original)))
+    load_grouter(directory)
+    # A checkpoint from before the checksum: read with a warning, and `upgrade` adds the checksum.
+    del header["config_sha256"]
+    header["architecture"]["causal"] = False
+    (directory / "config.json").write_text(json.dumps(header))
+    with caplog.at_level("WARNING", logger="megatron_grouter"):
+        load_grouter(directory)
+    assert any("predates config checksums" in record.getMessage() for record in caplog.records)
+    from megatron_grouter.grouter.checkpoint import main as checkpoint_main
+
+    assert checkpoint_main(["upgrade", str(directory)]) == 0
+    upgraded = json.loads((directory / "config.json").read_text())
+    assert "config_sha256" in upgraded
+    upgraded["architecture"]["causal"] = True
+    (directory / "config.json").write_text(json.dumps(upgraded))
+    assert "edited after saving" in refusal(directory)
