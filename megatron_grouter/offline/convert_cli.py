@@ -58,11 +58,11 @@ def open_grouter(path: str, data_cfg: DictConfig | None = None):
 
 
 def window_batches(grouter, prefix: str, batch_size: int, seed: int, split: str, rank: int = 0,
-                   world_size: int = 1):
+                   world_size: int = 1, lm_split: str | None = None):
     from megatron_grouter.offline.window_data import WindowBatches
 
     return WindowBatches(prefix, grouter.config.max_seq_length, batch_size, seed, split,
-                         rank=rank, world_size=world_size)
+                         rank=rank, world_size=world_size, lm_split=lm_split)
 
 
 def _maybe_init_distributed() -> tuple[int, int, torch.device, bool]:
@@ -229,9 +229,10 @@ def run_tune(cfg: DictConfig) -> dict:
     try:
         grouter, info = open_grouter(cfg.grouter, cfg.data)
         torch.manual_seed(settings.seed)
+        lm_split = cfg.data.get("lm_split")  # only the LM's train documents (data/lm_split.py)
         train = window_batches(grouter, cfg.data.prefix, settings.batch_size, settings.seed, "train",
-                               rank, world_size)
-        held_out = window_batches(grouter, cfg.data.prefix, world_size, settings.seed, "eval")
+                               rank, world_size, lm_split)
+        held_out = window_batches(grouter, cfg.data.prefix, world_size, settings.seed, "eval", lm_split=lm_split)
         result = tune_grouter(grouter, train, held_out, settings, device, progress=cfg.progress)
         record = {**tuning_record(result, settings), "dataset": str(cfg.data.prefix),
                   "source_grouter_fingerprint": grouter_fingerprint(cfg.grouter)}

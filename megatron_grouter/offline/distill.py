@@ -100,10 +100,13 @@ class Distiller:
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=train.lr,
                                            weight_decay=train.weight_decay, betas=(0.9, 0.95))
         window = cfg.grouter.window
+        # Only the LM's train documents (data.lm_split = the LM's data.split): the Grouter never
+        # learns from the documents the target model is validated and tested on.
+        lm_split = cfg.data.get("lm_split")
         self.train_batches = WindowBatches(cfg.data.prefix, window, train.batch_size, train.seed,
-                                           "train", rank=rank, world_size=world_size)
+                                           "train", rank=rank, world_size=world_size, lm_split=lm_split)
         self.eval_batches = WindowBatches(cfg.data.prefix, window, train.batch_size, train.seed,
-                                          "eval", rank=rank, world_size=world_size)
+                                          "eval", rank=rank, world_size=world_size, lm_split=lm_split)
         self.out_dir = Path(cfg.out_dir)
         self.step = 0
         self.tokens_seen = 0

@@ -2,7 +2,9 @@
 
 The Grouter is trained (distillation, tuning) on exactly the unit it routes at training time: a
 window of up to W tokens starting at a multiple of W inside one document (routing/windows.py).
-Held-out documents (every `holdout_every`-th) give an honest evaluation set. Batches are a pure
+Held-out documents (every `holdout_every`-th) give an honest evaluation set. With `lm_split` (the
+LM's data.split) only the LM's train documents are used at all (data/lm_split.py): the tools never
+learn from, or select on, the documents the LM is validated and tested on. Batches are a pure
 function of (seed, step, rank), so the tools resume exactly.
 """
 
@@ -18,12 +20,15 @@ from megatron_grouter.routing.windows import DocumentWindows
 
 class WindowBatches:
     def __init__(self, prefix: str, window: int, batch_size: int, seed: int, split: str = "train",
-                 holdout_every: int = 50, rank: int = 0, world_size: int = 1):
+                 holdout_every: int = 50, rank: int = 0, world_size: int = 1, lm_split: str | None = None):
+        from megatron_grouter.data.lm_split import train_documents
+
         self.windows = DocumentWindows(IndexedDataset(prefix, mmap=True), window)
         starts, lengths = self.windows.all_windows()
         document = np.searchsorted(self.windows.starts_D, starts, side="right") - 1
         held_out = document % holdout_every == 0
-        keep = held_out if split == "eval" else ~held_out
+        keep = (held_out if split == "eval" else ~held_out) & train_documents(
+            len(self.windows.starts_D), lm_split)[document]
         self.starts, self.lengths = starts[keep], lengths[keep]
         if len(self.starts) == 0:
             raise UserError(f"dataset {prefix} has no {split} windows; use a larger corpus")

@@ -9,7 +9,13 @@ tokens <= t. When target.routers holds grouter_tuned_bidirectional, a second cha
 (distill-bidirectional → fold → tune → predispatch) builds the paper's bidirectional encoder for
 that one labelled row. Each grouter_tuned_<variant> in target.routers gets its own tune →
 predispatch chain from the causal raw Grouter with the mg-tune overrides `tune.variants.<variant>`
-(another tuning objective, compared by the target runs' validation loss).
+(another tuning objective, compared by the target runs' validation loss). grouter_random (a
+control) gets distill-random (the same student shape, zero distillation steps: random weights) →
+tune-random (the same tuning as grouter_tuned).
+
+The offline tools learn only from the target LM's train documents: distillation and tuning get
+data.lm_split = the target's data.split (data/lm_split.py), and mg-train's hash table counts the
+same documents.
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.reproduce.jobs import check_launcher, run_job
-from megatron_grouter.reproduce.routers import (BIDIRECTIONAL, GROUTER_RUNS, is_learned, missing_variant,
-                                                router_overrides, tuned_variant)
+from megatron_grouter.reproduce.routers import (BIDIRECTIONAL, GROUTER_RUNS, RANDOM, is_learned,
+                                                missing_variant, router_overrides, tuned_variant)
 from megatron_grouter.reproduce.stages import Stage, write_json_atomic
 
 
@@ -68,6 +74,13 @@ class Pipeline:
         self.out_dir = Path(cfg.out_dir)
         self.results = Results(self.out_dir)
         self.started = time.perf_counter()
+        # The offline tools keep to the target LM's train documents (data/lm_split.py).
+        self.lm_split = str(compose_target(self._list("target.overrides")).data.split)
+        grouter_source = str(OmegaConf.select(cfg, "target.grouter_source") or "cached")
+        if grouter_source not in ("cached", "online"):
+            raise UserError(f"target.grouter_source={grouter_source!r}; use cached (predispatch the corpus once) "
+                            "or online (each target run routes with the Grouter)")
+        self.online = grouter_source == "online"
 
     # ------------------------------------------------------------------ plumbing
     def _stage(self, name: str, settings: dict, upstream: list[Stage],
@@ -116,6 +129,8 @@ class Pipeline:
             _, _, bidirectional_stage, bidirectional_grouter, bidirectional_cache = self.grouter_chain(
                 source, prefix, tokenizer, causal=False)
             grouters["bidirectional"] = (bidirectional_stage, bidirectional_grouter, bidirectional_cache)
+        if RANDOM in self._list("target.routers"):
+            grouters["random"] = self.random_chain(source, prefix, tokenizer)
         self.target_stages(data_stage, train_data, grouters)
         self.planned_run_stage(train_data, grouters)
         self.stability_stage(prefix)
@@ -156,8 +171,18 @@ class Pipeline:
         distill, distill_summary = self.distill_stage(source, prefix, tokenizer, causal, suffix)
         raw_stage, raw_grouter = self.fold_stage(distill, Path(distill_summary["grouter"]), prefix, suffix)
         tune, tuned_grouter = self.tune_stage(raw_stage, raw_grouter, prefix, suffix, self._list("tune.objective"))
+        if self.online:
+            return raw_stage, raw_grouter, tune, tuned_grouter, None
         cache_stage, cache = self.predispatch_stage(tune, tuned_grouter, prefix, tokenizer, suffix)
         return raw_stage, raw_grouter, cache_stage, tuned_grouter, cache
+
+    def random_chain(self, source: Stage | None, prefix: str, tokenizer: str) -> tuple[Stage, Path]:
+        """The grouter_random control: the causal student with zero distillation steps (its random
+        initialisation, seeded), tuned like grouter_tuned; (tune stage, tuned Grouter)."""
+        distill, summary = self.distill_stage(source, prefix, tokenizer, True, "-random", ["train.steps=0"])
+        tune, grouter = self.tune_stage(distill, Path(summary["grouter"]), prefix, "-random",
+                                        self._list("tune.objective"))
+        return tune, grouter
 
     def tuned_variants(self, raw_stage: Stage, raw_grouter: Path, prefix: str,
                        tokenizer: str) -> dict[str, tuple[Stage, Path, Path]]:
@@ -173,12 +198,15 @@ class Pipeline:
                 raise missing_variant(router)
             tune, grouter = self.tune_stage(raw_stage, raw_grouter, prefix, f"-{name}",
                                             _as_list(declared[name], f"tune.variants.{name}"))
+            if self.online:
+                variants[router] = (tune, grouter, None)
+                continue
             cache_stage, cache = self.predispatch_stage(tune, grouter, prefix, tokenizer, f"-{name}")
             variants[router] = (cache_stage, grouter, cache)
         return variants
 
     def distill_stage(self, source: Stage | None, prefix: str, tokenizer: str, causal: bool = True,
-                      suffix: str = "") -> tuple[Stage, dict]:
+                      suffix: str = "", extra: list[str] | None = None) -> tuple[Stage, dict]:
         if source is None:
             kind, path = "hf", str(Path(self.cfg.source.hf_path).absolute())
             if not Path(path).is_dir():
@@ -188,15 +216,16 @@ class Pipeline:
             kind, path = "megatron", str(source.directory)
         # The causal flag goes before the user's overrides (they may change it: the target run then
         # refuses a bidirectional Grouter, or labels it), and after them for the bidirectional row.
-        overrides = self._list("distill.overrides")
+        overrides = [*self._list("distill.overrides"), *(extra or [])]
         args = [f"source.kind={kind}", f"source.path={path}", f"data.prefix={prefix}",
-                f"data.tokenizer={tokenizer}", *(["grouter.causal=true", *overrides] if causal
-                                                 else [*overrides, "grouter.causal=false"])]
+                f"data.tokenizer={tokenizer}", f"data.lm_split='{self.lm_split}'",
+                *(["grouter.causal=true", *overrides] if causal else [*overrides, "grouter.causal=false"])]
 
         def work(stage: Stage) -> dict:
             self._job("distill", [*args, f"out_dir={stage.directory}"], stage, "distill" + suffix)
             return {"grouter": str(stage.directory / "grouter"), **_last_distill_eval(stage.directory)}
-        kind_text = "causal" if causal else "bidirectional (paper-fidelity row, sees future tokens)"
+        kind_text = ("randomly initialised (control)" if suffix == "-random" else "causal" if causal
+                     else "bidirectional (paper-fidelity row, sees future tokens)")
         return self._stage("distill" + suffix, {"args": args}, [source] if source else [], work,
                            f"stage distill{suffix}: a {kind_text} Grouter from the source's first MoE layer")
 
@@ -233,7 +262,8 @@ class Pipeline:
 
     def tune_stage(self, upstream: Stage, grouter: Path, prefix: str, suffix: str = "",
                    extra: list[str] | None = None) -> tuple[Stage, Path]:
-        args = [f"grouter={grouter}", f"data.prefix={prefix}", *self._list("tune.overrides"), *(extra or [])]
+        args = [f"grouter={grouter}", f"data.prefix={prefix}", f"data.lm_split='{self.lm_split}'",
+                *self._list("tune.overrides"), *(extra or [])]
 
         def work(stage: Stage) -> dict:
             self._job("tune", [*args, f"out={stage.directory / 'grouter'}"], stage, "tune" + suffix)
@@ -259,6 +289,9 @@ class Pipeline:
         plan = self.cfg.plan
         if not plan.enabled:
             self.results.summaries["plan"] = {"skipped": "plan.enabled=false"}
+            return
+        if cache is None:
+            self.results.summaries["plan"] = {"skipped": "no routing cache (target.grouter_source=online)"}
             return
         if not planner_available():
             self._say("stage plan: skipped (the EP planner is not importable here)")
@@ -347,13 +380,16 @@ class Pipeline:
             upstream = [grouters["bidirectional"][0]]
         elif router in grouters["variants"]:
             upstream = [grouters["variants"][router][0]]
+        elif router == RANDOM:
+            upstream = [grouters["random"][0]]
         elif router in GROUTER_RUNS:
             upstream = [grouters["raw"][0] if router == "grouter_raw" else grouters["tuned"][0]]
         bidirectional = grouters["bidirectional"][1:] if "bidirectional" in grouters else None
         variants = {name: (grouter, cache) for name, (_, grouter, cache) in grouters["variants"].items()}
         args = [*train_data, *self._list("target.overrides"),
                 *router_overrides(router, grouters["raw"][1], grouters["tuned"][1], grouters["cache"],
-                                  bidirectional, variants),
+                                  bidirectional, variants, grouters["random"][1] if "random" in grouters else None,
+                                  int(OmegaConf.select(self.cfg, "target.warm_tokens") or 0)),
                 f"train.seed={seed}"]
         interval = int(self.cfg.target.checkpoint_interval)
         if interval > 0 and seed == int(self.cfg.seeds[0]) and is_learned(router):

@@ -3,7 +3,7 @@
 Tokens are taken in descending frequency and each gets the k currently least-loaded distinct
 experts (longest-processing-time-first scheduling), so expert loads on the corpus balance as
 well as its most frequent tokens allow. The gate weights are learned by the layer's own gate
-(HybridRouter), as in the paper's baseline.
+(HybridRouter), as in the paper's baseline. Counts come from the LM's train documents only.
 """
 
 from __future__ import annotations
@@ -17,9 +17,25 @@ import numpy as np
 from megatron_grouter.errors import UserError
 
 
-def token_frequencies(bin_path: str, dtype: np.dtype, vocab_size: int) -> np.ndarray:
-    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
-    return np.bincount(tokens, minlength=vocab_size)[:vocab_size].astype(np.int64)
+def token_frequencies(prefix: str, vocab_size: int, lm_split: str | None) -> np.ndarray:
+    """[V] token counts over the LM's train documents of `prefix` (data/lm_split.py; every document
+    when `lm_split` is None): the table never sees the documents the LM is evaluated on."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_grouter.data.lm_split import train_documents
+
+    index = IndexedDataset(prefix, mmap=True).index
+    tokens = np.memmap(prefix + ".bin", dtype=index.dtype, mode="r")
+    starts_D = np.asarray(index.sequence_pointers, dtype=np.int64) // index.dtype_size
+    lengths_D = np.asarray(index.sequence_lengths, dtype=np.int64)
+    counts_V = np.zeros(vocab_size, dtype=np.int64)
+    keep_D = train_documents(len(starts_D), lm_split)
+    # Split ranges are contiguous: count each run of kept documents in one bincount.
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], keep_D.astype(np.int8), [0]])))
+    for first, end in zip(edges[0::2], edges[1::2]):
+        span = tokens[starts_D[first]:starts_D[end - 1] + lengths_D[end - 1]]
+        counts_V += np.bincount(span, minlength=vocab_size)[:vocab_size]
+    return counts_V
 
 
 def balanced_hash_table(counts_V: np.ndarray, num_experts: int, topk: int, seed: int = 0) -> np.ndarray:

@@ -54,6 +54,13 @@ def _preemptive(router_class):
     return lambda router, context: functools.partial(router_class, context=context)
 
 
+def _warm_start(router, context):
+    from megatron_grouter.routing.warm_router import WarmStartRouter
+
+    return functools.partial(WarmStartRouter, context=context, warm_tokens=router.grouter.warm_tokens,
+                             imitation_coeff=router.grouter.imitation_coeff)
+
+
 def _probmoe(router, context):
     from megatron_grouter.routing.probmoe_router import ProbMoERouter
 
@@ -69,6 +76,8 @@ _ROUTERS: dict[str, RouterKind] = {
     "grouter_hybrid": RouterKind(_preemptive(HybridRouter), no_balancing_fields, preemptive=True),
     "hash": RouterKind(_preemptive(HybridRouter), no_balancing_fields, preemptive=True),
     "probmoe": RouterKind(_probmoe, topk_config_fields),
+    # learned (aux loss) after following the Grouter's routing for its first tokens
+    "grouter_warm": RouterKind(_warm_start, topk_config_fields, preemptive=True),
 }
 
 

@@ -65,16 +65,13 @@ def load_configured_grouter(root, tokenizer, device: torch.device):
 
 
 def build_hash_source(root, prefix: str, tokenizer, vocab_size: int) -> HashTableSource:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     from megatron_grouter.routing.hash_table import (balanced_hash_table, load_table,
                                                      token_frequencies)
 
     if root.router.hash.table:
         table_VK = load_table(root.router.hash.table, root.model.num_experts, root.model.topk, vocab_size)
     else:
-        dtype = IndexedDataset(prefix, mmap=True).index.dtype
-        counts_V = token_frequencies(prefix + ".bin", dtype, vocab_size)
+        counts_V = token_frequencies(prefix, vocab_size, root.data.split)
         table_VK = balanced_hash_table(counts_V, root.model.num_experts, root.model.topk,
                                        seed=root.train.seed)
     return HashTableSource(torch.from_numpy(np.asarray(table_VK)))

@@ -56,6 +56,10 @@ class GrouterRoutingConfig:
     # A bidirectional Grouter (causal=false) lets future tokens steer a causal LM's experts;
     # mg-train refuses it unless this is true, and then labels the run "sees future tokens".
     allow_future_context: bool = False
+    # router.type=grouter_warm: training tokens (per rank) routed by the Grouter before the router's
+    # own top-k takes over, and the weight of its imitation loss meanwhile (routing/warm_router.py)
+    warm_tokens: int = 0
+    imitation_coeff: float = 1.0
 
 
 @dataclass
@@ -99,6 +103,7 @@ class DataConfig:
     vocab_size: int = 4096
     max_documents: Optional[int] = None
     split: str = "96,2,2"
+    eval_split: str = "valid"  # the documents validation loss is measured on: valid | test
     num_workers: int = 0
 
 

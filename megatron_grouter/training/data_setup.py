@@ -60,11 +60,20 @@ def prepare_datasets(root: RootConfig, layout: ParallelLayout) -> TrainingData:
     data.prefix, data.tokenizer = prefix, tokenizer_path
     tokenizer = load_tokenizer(tokenizer_path)
     check_dataset_tokenizer(prefix, tokenizer)
-    num_samples = (train.steps * train.global_batch_size,
-                   max(1, train.eval_iters) * train.global_batch_size, 0)
-    train_ds, valid_ds, _ = build_gpt_datasets(
+    if data.eval_split not in ("valid", "test"):
+        raise UserError(f"data.eval_split={data.eval_split!r}; use valid (the selection split) or test")
+    eval_samples = max(1, train.eval_iters) * train.global_batch_size
+    on_test = data.eval_split == "test"
+    num_samples = (train.steps * train.global_batch_size, 0 if on_test else eval_samples,
+                   eval_samples if on_test else 0)
+    train_ds, valid_ds, test_ds = build_gpt_datasets(
         prefix, tokenizer, seq_length=train.seq_length, seed=train.seed, split=data.split,
         num_samples=num_samples, cache_dir=str(Path(data.out_dir) / "index_cache"))
+    if on_test:
+        if test_ds is None:
+            raise UserError(f"data.eval_split=test but data.split={data.split!r} gives the test split no "
+                            "documents; give it a weight (e.g. 96,2,2)")
+        valid_ds = test_ds  # validation loss is measured on the test documents
     model_vocab = root.model.vocab_size or padded_vocab_size(tokenizer.vocab_size)
     log.info("data: %s (%d train / %d valid samples of %d tokens), tokenizer vocab %d -> model vocab %d",
              prefix, len(train_ds), len(valid_ds), train.seq_length, tokenizer.vocab_size, model_vocab)

@@ -3,13 +3,13 @@
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_grouter.data.lm_split import split_ranges
 from megatron_grouter.routing.hash_table import balanced_hash_table, expert_loads, token_frequencies
 from tests.train_runs import MICRO_MODEL, data_overrides, read_metrics, train_in_process, val_losses
 
 
 def test_hash_table_balances_default_corpus_within_5_percent(stdlib_data):
-    dataset = IndexedDataset(stdlib_data["prefix"])
-    counts_V = token_frequencies(stdlib_data["prefix"] + ".bin", dataset.index.dtype, 4096)
+    counts_V = token_frequencies(stdlib_data["prefix"], 4096, "96,2,2")
     for experts, topk in ((16, 2), (64, 8)):
         table_VK = balanced_hash_table(counts_V, experts, topk, seed=0)
         assert all(len(set(row)) == topk for row in table_VK[:500])  # distinct experts per token
@@ -22,6 +22,20 @@ def test_hash_table_balances_default_corpus_within_5_percent(stdlib_data):
     naive = np.stack([np.arange(4096) % 16, (np.arange(4096) + 1) % 16], axis=1)
     naive_loads = expert_loads(naive, counts_V, 16)
     assert naive_loads.max() / naive_loads.mean() - 1 > 0.05
+
+
+def test_hash_counts_read_only_the_lm_train_documents(stdlib_data):
+    """The table's token counts never see the LM's validation or test documents."""
+    index = IndexedDataset(stdlib_data["prefix"]).index
+    tokens = np.memmap(stdlib_data["prefix"] + ".bin", dtype=index.dtype, mode="r")
+    ranges = split_ranges(len(index.sequence_lengths), "80,10,10")
+    first_held_out = ranges["valid"][0]
+    assert 0 < first_held_out < len(index.sequence_lengths)
+    end_of_train = int(index.sequence_pointers[first_held_out]) // index.dtype_size
+    expected = np.bincount(tokens[:end_of_train], minlength=4096)[:4096]
+    assert (token_frequencies(stdlib_data["prefix"], 4096, "80,10,10") == expected).all()
+    everything = token_frequencies(stdlib_data["prefix"], 4096, None)
+    assert everything.sum() == len(tokens) > expected.sum()
 
 
 def test_hash_router_trains_its_gate(stdlib_data, tmp_path):
