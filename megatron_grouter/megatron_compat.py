@@ -104,6 +104,42 @@ def plugin_moe_spec(mlp_spec, layer_class: type, router_builder, **layer_kwargs)
     return None
 
 
+def replace_in_spec(spec, old: type, new: type):
+    """`spec` with every use of the module class `old` replaced by `new`, in whichever form the
+    release writes specs (ModuleSpec, functools.partial, submodule dataclasses, lists); parts that
+    do not use `old` are returned as they are (never rebuilt), configs are not entered."""
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    def walk(node):
+        if node is old:
+            return new
+        if isinstance(node, ModuleSpec):
+            module, submodules = walk(node.module), walk(node.submodules)
+            if module is node.module and submodules is node.submodules:
+                return node
+            return ModuleSpec(module=module, params=dict(node.params), submodules=submodules,
+                              metainfo=dict(node.metainfo))
+        if isinstance(node, functools.partial):
+            func, args = walk(node.func), [walk(arg) for arg in node.args]
+            keywords = {key: walk(value) for key, value in node.keywords.items()}
+            if func is node.func and all(a is b for a, b in zip(args, node.args)) \
+                    and all(keywords[key] is node.keywords[key] for key in keywords):
+                return node
+            return functools.partial(func, *args, **keywords)
+        if isinstance(node, list):
+            items = [walk(item) for item in node]
+            return node if all(a is b for a, b in zip(items, node)) else items
+        if dataclasses.is_dataclass(node) and not isinstance(node, (type, ModelParallelConfig)):
+            changes = {field.name: walk(getattr(node, field.name))
+                       for field in dataclasses.fields(node) if field.init}
+            changes = {name: value for name, value in changes.items() if value is not getattr(node, name)}
+            return dataclasses.replace(node, **changes) if changes else node
+        return node
+
+    return walk(spec)
+
+
 # ---------------------------------------------------------------------------------------------
 # Answer 2 — 0.16.x–0.17.x: TransformerLayer hands `pg_collection` only to a spec whose module
 # *is* MoELayer (an identity test) and logs "Unknown MLP type: <class '...ModuleSpec'>. Using

@@ -65,14 +65,16 @@ def train(cfg: DictConfig) -> dict:
     validate(root, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     layout = init_distributed(root.parallel.tensor, root.parallel.pipeline, root.parallel.expert,
                               num_experts=root.model.num_experts,
-                              virtual_pipeline=root.parallel.virtual_pipeline)
+                              virtual_pipeline=root.parallel.virtual_pipeline,
+                              expert_tensor_parallel=root.parallel.expert_tensor)
     setup_console_logging(layout.is_main)
     lock = None
     try:
         lock = hold_run_lock(root.train.out_dir, layout.is_main)  # one run per out_dir
-        log.info("mg-train: model=%s router=%s world=%d (TP=%d PP=%d EP=%d DP=%d) on %s/%s",
+        log.info("mg-train: model=%s router=%s world=%d (TP=%d PP=%d EP=%d ETP=%d DP=%d) on %s/%s",
                  root.model.name, root.router.name, layout.world_size, layout.tensor_parallel,
-                 layout.pipeline_parallel, layout.expert_parallel, layout.data_parallel,
+                 layout.pipeline_parallel, layout.expert_parallel, layout.expert_tensor_parallel,
+                 layout.data_parallel,
                  layout.device.type, layout.backend)
         summary = build_trainer(root, layout).run()
         log.info("done: %s", summary)

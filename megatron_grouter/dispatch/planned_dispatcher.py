@@ -7,6 +7,11 @@ Path of one MoE layer (EP ranks p, local experts l, L per rank):
 Within each expert the tokens arrive in the order megatron's allgather dispatcher gives them
 (source rank, then token index), so both compute the same expert inputs.
 
+Tensor parallelism: with expert tensor parallel size 1 megatron folds the TP ranks into the
+EP/expert-DP grid, and under sequence parallelism each TP rank's layer input is its own slice
+of the sequence; like megatron's all-to-all dispatcher at ETP=1, each rank dispatches its own
+tokens over the EP group (no gather over TP). Expert tensor parallel size > 1 is refused.
+
 It enters megatron through our layer spec: `training/moe_layer.py`'s PluginMoELayer (the spec's
 layer class) builds it in its constructor, with the layer's own process groups. The plan of the
 running micro-batch is part of that micro-batch's routing (`MicroBatchRouting.plan`, read
@@ -67,9 +72,11 @@ class PlannedAllToAllDispatcher(MoETokenDispatcher):
     def __init__(self, num_local_experts: int, local_expert_indices: list[int], config,
                  pg_collection: ProcessGroupCollection, *, context: RoutingContext, verify: bool = False):
         super().__init__(config=config, pg_collection=pg_collection)
+        # megatron's base class reads the expert-TP group as `tp_group`: with expert tensor parallel
+        # size 1 (any TP), each rank dispatches its own (sequence-parallel) tokens over the EP group
         if self.tp_size > 1:
-            raise UserError("the planned dispatcher supports expert tensor parallel size 1; set "
-                            "parallel.tensor=1 or use parallel.dispatcher=alltoall")
+            raise UserError(f"the planned dispatcher keeps experts whole but expert tensor parallel size is "
+                            f"{self.tp_size}; set parallel.expert_tensor=1 or use parallel.dispatcher=alltoall")
         self.context = context
         # debug mode: every layer compares the plan with its router's routing (one host copy)
         self.verify = verify

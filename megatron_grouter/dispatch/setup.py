@@ -20,7 +20,9 @@ def load_book(root, trainer, training_plan, activation_threshold) -> DispatchPla
     if training_plan is None:
         return None
     path = book_path(root.router.grouter.plan)
-    why_not = ("routing is online, the book was counted from the cache" if root.router.grouter.source != "cached"
+    why_not = ("tensor parallelism splits each micro-batch over TP ranks, the book plans whole micro-batches"
+               if root.parallel.tensor > 1
+               else "routing is online, the book was counted from the cache" if root.router.grouter.source != "cached"
                else "the router drops experts below a dynamic threshold" if activation_threshold is not None
                else f"no dispatch plan book {path} (mg-plan-ep writes it)" if not path.is_file() else None)
     if why_not:
@@ -47,6 +49,9 @@ def build_dispatch_planner(root, trainer, rule, training_plan=None) -> DispatchP
     book = load_book(root, trainer, training_plan, rule.activation_threshold)
     log.info("planned dispatcher: all-to-all splits planned on the host from %s routing%s",
              root.router.name, " (verified in every layer and across ranks)" if root.parallel.verify_dispatch_plan else "")
+    sequence_parallel = root.parallel.sequence_parallel and root.parallel.tensor > 1
     return DispatchPlanner(parallel_state.get_expert_model_parallel_group(), trainer.layout.device,
                            replica=trainer.dp_rank // root.parallel.expert, book=book,
-                           verify=root.parallel.verify_dispatch_plan)
+                           verify=root.parallel.verify_dispatch_plan,
+                           sequence_shards=root.parallel.tensor if sequence_parallel else 1,
+                           sequence_rank=parallel_state.get_tensor_model_parallel_rank())

@@ -19,6 +19,7 @@ saying how to route it (`megatron_grouter.offline.hf_grouter_routing.attach_grou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -131,9 +132,18 @@ def _split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
     return q, k, v
 
 
-def _expert_fc(state: dict, prefix: str, expert: int, which: str) -> torch.Tensor:
-    return _pick(state, f"{prefix}.experts.local_experts.{expert}.{which}.weight",
-                 f"{prefix}.experts.{which}.weight{expert}")
+def _expert_fc(state: dict, prefix: str, expert: int, which: str, num_experts: int) -> torch.Tensor:
+    """Expert `expert`'s fc1/fc2 weight ([out, in]) under any of megatron's expert layouts:
+    SequentialMLP's `local_experts.{e}.linear_fc1.weight`, Transformer Engine's grouped
+    `linear_fc1.weight{e}`, or the legacy GroupedMLP's `weight1`/`weight2`, which hold every
+    expert's transposed weight as one contiguous block each (read as [E, H, ·] / [E, ·, H])."""
+    names = (f"{prefix}.experts.local_experts.{expert}.{which}.weight", f"{prefix}.experts.{which}.weight{expert}")
+    legacy = state.get(f"{prefix}.experts.weight{which[-1]}")
+    if legacy is not None and not any(name in state for name in names):
+        if which == "linear_fc1":
+            return legacy.reshape(num_experts, legacy.shape[0], -1)[expert].T
+        return legacy.reshape(num_experts, -1, legacy.shape[1])[expert].T
+    return _pick(state, *names)
 
 
 def hf_state_dict(state: dict, root, layout: str, megatron_config, grouter_routed: bool) -> dict:
@@ -171,10 +181,11 @@ def hf_state_dict(state: dict, root, layout: str, megatron_config, grouter_route
         out[f"{dst}.mlp.gate.weight"] = (torch.zeros(model.num_experts, model.hidden_size)
                                          if router is None else router)
         for expert in range(model.num_experts):
-            gate, up = _expert_fc(state, mlp, expert, "linear_fc1").chunk(2, dim=0)
+            gate, up = _expert_fc(state, mlp, expert, "linear_fc1", model.num_experts).chunk(2, dim=0)
             out.update({f"{dst}.mlp.experts.{expert}.gate_proj.weight": gate,
                         f"{dst}.mlp.experts.{expert}.up_proj.weight": up,
-                        f"{dst}.mlp.experts.{expert}.down_proj.weight": _expert_fc(state, mlp, expert, "linear_fc2")})
+                        f"{dst}.mlp.experts.{expert}.down_proj.weight":
+                            _expert_fc(state, mlp, expert, "linear_fc2", model.num_experts)})
         if layout == "qwen2_moe":
             shared = f"{mlp}.shared_experts"
             if model.shared_expert_intermediate_size:
@@ -284,7 +295,10 @@ def _load_gpt_model(path: Path, root, state: dict, context=None):
 
     verify_checkpoint_safe(path)
     set_seed(root.train.seed)
-    model = build_gpt_model(root.model, root.router, ParallelConfig(), state["vocab_size"], context=context)
+    # experts as this machine runs them (a grouped-GEMM run's checkpoint loads into the per-expert
+    # loop: megatron's sharded state dict names both the same)
+    model_config = dataclasses.replace(root.model, grouped_gemm=None)
+    model = build_gpt_model(model_config, root.router, ParallelConfig(), state["vocab_size"], context=context)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))["model"]
     model.load_state_dict(loaded, strict=True)
     return model.eval()

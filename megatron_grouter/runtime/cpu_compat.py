@@ -202,6 +202,25 @@ def _answer_checkpoint_synchronize() -> None:
     torch.cuda.synchronize = lambda *args, **kwargs: None
 
 
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """The RMSNorm of megatron-core's local layer spec, for sequence parallelism without
+    Transformer Engine (every release we support: its WrappedTorchNorm asserts
+    `not config.sequence_parallel`). Normalising is per token, so a sequence shard needs nothing
+    else; each TP rank's weight gradient covers only its shard, so the weight is marked
+    `sequence_parallel` and megatron's finalize_model_grads sums it over the TP group, as it does
+    for TE's norms. Same parameter name and initial value as torch's RMSNorm, which megatron's
+    local spec builds without sequence parallelism. training/model.py selects it in the layer
+    spec only when Transformer Engine is absent and sequence parallelism is on. (gloo's
+    reduce-scatter, which megatron's sequence-parallel mappings call, needs no answer: torch
+    ≥ 2.x gloo has reduce_scatter_tensor.)"""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"SequenceParallelRMSNorm is an RMSNorm; the config asks for {config.normalization}")
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 @dataclass(frozen=True)
 class Answer:
     name: str

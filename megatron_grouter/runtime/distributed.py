@@ -28,6 +28,7 @@ class ParallelLayout:
     pipeline_parallel: int
     expert_parallel: int
     data_parallel: int
+    expert_tensor_parallel: int
     device: torch.device
     backend: str
 
@@ -43,19 +44,21 @@ def free_port() -> int:
 
 
 def check_layout(world_size: int, tensor_parallel: int, pipeline_parallel: int,
-                 expert_parallel: int, num_experts: int | None) -> int:
-    """Validate a parallel layout; return the data-parallel size."""
+                 expert_parallel: int, num_experts: int | None, expert_tensor_parallel: int | None = None) -> int:
+    """Validate a parallel layout; return the data-parallel size. The dense layers tile the
+    world as TP×PP×DP, the experts as ETP×EP×PP×expert-DP (megatron's two rank grids)."""
+    expert_tensor_parallel = tensor_parallel if expert_tensor_parallel is None else expert_tensor_parallel
     model_parallel = tensor_parallel * pipeline_parallel
-    if min(tensor_parallel, pipeline_parallel, expert_parallel) < 1:
-        raise UserError("parallel sizes must be >= 1; set parallel.tensor/pipeline/expert to 1 or more")
+    if min(tensor_parallel, pipeline_parallel, expert_parallel, expert_tensor_parallel) < 1:
+        raise UserError("parallel sizes must be >= 1; set parallel.tensor/pipeline/expert/expert_tensor to 1 or more")
     if world_size % model_parallel:
         raise UserError(f"world size {world_size} is not divisible by TP×PP = {model_parallel}; "
                         "change parallel.tensor/pipeline or the number of processes")
     data_parallel = world_size // model_parallel
-    if world_size % (tensor_parallel * expert_parallel * pipeline_parallel):
-        raise UserError(f"world size {world_size} is not divisible by TP×EP×PP = "
-                        f"{tensor_parallel * expert_parallel * pipeline_parallel}; "
-                        "change parallel.expert or the number of processes")
+    expert_grid = expert_tensor_parallel * expert_parallel * pipeline_parallel
+    if world_size % expert_grid:
+        raise UserError(f"world size {world_size} is not divisible by ETP×EP×PP = {expert_grid}; "
+                        "change parallel.expert/expert_tensor or the number of processes")
     if num_experts is not None and num_experts % expert_parallel:
         raise UserError(f"{num_experts} experts are not divisible by EP={expert_parallel}; "
                         "choose parallel.expert dividing model.num_experts")
@@ -92,8 +95,10 @@ def start_process_group(timeout_minutes: float = 30) -> str:
 
 def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, expert_parallel: int = 1,
                      num_experts: int | None = None, timeout_minutes: int = 30,
-                     virtual_pipeline: int | None = None) -> ParallelLayout:
-    """Initialise torch.distributed and megatron's parallel_state; idempotent per process."""
+                     virtual_pipeline: int | None = None,
+                     expert_tensor_parallel: int | None = None) -> ParallelLayout:
+    """Initialise torch.distributed and megatron's parallel_state; idempotent per process.
+    `expert_tensor_parallel` None: the tensor-parallel size (megatron's default)."""
     from megatron.core import parallel_state
 
     cuda = torch.cuda.is_available()
@@ -102,7 +107,8 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, exper
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     data_parallel = check_layout(world_size, tensor_parallel, pipeline_parallel, expert_parallel,
-                                 num_experts)
+                                 num_experts, expert_tensor_parallel)
+    expert_tensor_parallel = tensor_parallel if expert_tensor_parallel is None else expert_tensor_parallel
     backend = start_process_group(timeout_minutes)  # also makes GPU LOCAL_RANK the current device
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if parallel_state.model_parallel_is_initialized():
@@ -112,12 +118,14 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, exper
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
         expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=cuda,
     )
     return ParallelLayout(world_size=world_size, rank=rank, local_rank=local_rank,
                           tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                           expert_parallel=expert_parallel, data_parallel=data_parallel,
+                          expert_tensor_parallel=expert_tensor_parallel,
                           device=device, backend=backend)
 
 

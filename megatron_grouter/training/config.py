@@ -43,6 +43,9 @@ class ModelConfig:
     init_method_std: float = 0.02
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    # Experts as one grouped GEMM (Transformer Engine's TEGroupedMLP) instead of a per-expert loop;
+    # None: on where it runs (CUDA with Transformer Engine), the loop elsewhere.
+    grouped_gemm: Optional[bool] = None
 
 
 @dataclass
@@ -113,7 +116,11 @@ class ParallelConfig:
     pipeline: int = 1  # pipeline stages (megatron's 1F1B schedule when > 1)
     virtual_pipeline: Optional[int] = None  # model chunks per stage: the interleaved 1F1B schedule
     expert: int = 1
-    sequence_parallel: bool = False
+    # Expert tensor parallelism (megatron's expert_tensor_parallel_size): each expert's weights
+    # split over this many ranks. None: parallel.tensor, as Megatron-LM defaults it; 1 keeps whole
+    # experts and runs the TP ranks as extra EP/expert-DP ranks (what the planned dispatcher needs).
+    expert_tensor: Optional[int] = None
+    sequence_parallel: bool = False  # required (and refused without) when parallel.tensor > 1
     dispatcher: str = "allgather"  # allgather | alltoall (CUDA) | planned (dispatch/)
     verify_dispatch_plan: bool = False  # planned: check the plan against each layer's routing
     ranks_per_node: int = 8  # EP ranks per node, for the ep/*_node traffic metrics
@@ -227,6 +234,37 @@ def validate_step_machinery(root: "RootConfig", num_microbatches: int) -> None:
                         "use train.recompute=selective or none")
 
 
+def expert_tensor_size(parallel: ParallelConfig) -> int:
+    """The expert tensor parallel size: parallel.expert_tensor, or parallel.tensor when unset
+    (Megatron-LM's default for --expert-tensor-parallel-size)."""
+    return parallel.tensor if parallel.expert_tensor is None else parallel.expert_tensor
+
+
+def validate_tensor_parallel(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Tensor and expert-tensor parallel sizes megatron-core can build and run as given."""
+    tensor, expert_tensor = parallel.tensor, expert_tensor_size(parallel)
+    if tensor > 1 and not parallel.sequence_parallel:
+        raise UserError(f"parallel.tensor={tensor} with MoE layers needs sequence parallelism (megatron-core "
+                        "refuses it at the first forward otherwise); set parallel.sequence_parallel=true")
+    heads = model.num_attention_heads
+    groups = model.num_query_groups or heads
+    for name, value, knob, size in (
+            ("model.num_attention_heads", heads, "parallel.tensor", tensor),
+            ("model.num_query_groups", groups, "parallel.tensor", tensor),
+            ("model.ffn_hidden_size", model.ffn_hidden_size, "parallel.tensor", tensor),
+            ("model.shared_expert_intermediate_size", model.shared_expert_intermediate_size,
+             "parallel.tensor", tensor),
+            ("model.moe_ffn_hidden_size", model.moe_ffn_hidden_size, "parallel.expert_tensor", expert_tensor)):
+        if value is not None and value % size:
+            raise UserError(f"{name}={value} does not split over {knob}={size}; choose sizes that divide it")
+    if model.grouped_gemm:
+        from megatron_grouter.training.model import transformer_engine_available
+
+        if not transformer_engine_available():
+            raise UserError("model.grouped_gemm=true needs Transformer Engine's grouped GEMM (CUDA + "
+                            "transformer_engine); without it set model.grouped_gemm=false or leave it null")
+
+
 def validate_dispatcher(parallel: ParallelConfig) -> None:
     if parallel.dispatcher not in DISPATCHERS:
         raise UserError(f"parallel.dispatcher={parallel.dispatcher!r} is unknown; choose one of "
@@ -235,9 +273,10 @@ def validate_dispatcher(parallel: ParallelConfig) -> None:
         if parallel.expert < 2:
             raise UserError("parallel.dispatcher=planned needs expert parallelism (parallel.expert "
                             "≥ 2); with one EP rank use parallel.dispatcher=allgather")
-        if parallel.tensor > 1:
-            raise UserError("parallel.dispatcher=planned supports parallel.tensor=1 only; use "
-                            "parallel.dispatcher=alltoall with tensor parallelism")
+        if expert_tensor_size(parallel) > 1:
+            raise UserError(f"parallel.dispatcher=planned keeps experts whole (expert tensor parallel size 1) "
+                            f"but parallel.expert_tensor is {expert_tensor_size(parallel)}; set "
+                            "parallel.expert_tensor=1 or use parallel.dispatcher=alltoall")
     elif parallel.verify_dispatch_plan:
         raise UserError("parallel.verify_dispatch_plan checks the planned dispatcher; set "
                         "parallel.dispatcher=planned or drop it")
@@ -297,6 +336,7 @@ def validate_numbers(root: RootConfig) -> None:
         ("data.num_workers", data.num_workers, _NON_NEGATIVE),
         ("parallel.tensor", parallel.tensor, _POSITIVE), ("parallel.pipeline", parallel.pipeline, _POSITIVE),
         ("parallel.expert", parallel.expert, _POSITIVE),
+        ("parallel.expert_tensor", parallel.expert_tensor, _POSITIVE),
     ]
     for name, value, (rule, holds) in checks:
         if value is None:  # optional fields left unset
@@ -344,20 +384,16 @@ def validate(root: RootConfig, world_size: int, tokenizer_vocab: int | None = No
     if model.num_experts % parallel.expert:
         raise UserError(f"model.num_experts={model.num_experts} is not divisible by parallel.expert="
                         f"{parallel.expert}")
+    validate_tensor_parallel(model, parallel)
     model_parallel = parallel.tensor * parallel.pipeline
-    if world_size % (model_parallel * parallel.expert) or world_size % model_parallel:
-        raise UserError(f"world size {world_size} is not divisible by TP×EP×PP="
-                        f"{model_parallel * parallel.expert}; change parallel.* or the process count")
+    expert_grid = expert_tensor_size(parallel) * parallel.expert * parallel.pipeline
+    if world_size % model_parallel or world_size % expert_grid:
+        raise UserError(f"world size {world_size} is not divisible by TP×PP={model_parallel} and "
+                        f"ETP×EP×PP={expert_grid}; change parallel.* or the process count")
     data_parallel = world_size // model_parallel
     if train.global_batch_size % (train.micro_batch_size * data_parallel):
         raise UserError(f"train.global_batch_size={train.global_batch_size} is not divisible by "
                         f"micro_batch_size×data_parallel={train.micro_batch_size * data_parallel}")
-    if parallel.tensor > 1:
-        from megatron_grouter.training.model import transformer_engine_available
-
-        if not transformer_engine_available():
-            raise UserError("parallel.tensor > 1 with MoE needs sequence parallelism, which megatron-core's "
-                            "local (non-TE) norms do not support; use parallel.tensor=1 without CUDA+TE")
     validate_dispatcher(parallel)
     validate_step_machinery(root, train.global_batch_size // (train.micro_batch_size * data_parallel))
     if parallel.sequence_parallel and parallel.tensor == 1:

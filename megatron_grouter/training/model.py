@@ -20,10 +20,13 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_grouter.dispatch.planned_dispatcher import PlannedAllToAllDispatcher
-from megatron_grouter.megatron_compat import building_plugin_layers, clear_aux_losses, plugin_moe_spec
+from megatron_grouter.megatron_compat import (building_plugin_layers, clear_aux_losses, plugin_moe_spec,
+                                              replace_in_spec)
 from megatron_grouter.routing.context import RoutingContext
 from megatron_grouter.routing.registry import router_kind
-from megatron_grouter.training.config import ModelConfig, ParallelConfig, RouterConfig
+from megatron_grouter.runtime.cpu_compat import SequenceParallelRMSNorm
+from megatron_grouter.training.config import ModelConfig, ParallelConfig, RouterConfig, expert_tensor_size
+from megatron_grouter.training.fusions import detect_kernels, fusion_fields
 from megatron_grouter.training.moe_layer import PluginMoELayer, check_plugin_layers
 
 
@@ -35,6 +38,13 @@ def transformer_engine_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def grouped_gemm_enabled(model: ModelConfig) -> bool:
+    """model.grouped_gemm, or where unset: on where it runs (Transformer Engine's TEGroupedMLP).
+    megatron-core's local spec has no grouped GEMM that runs without CUDA kernels: 0.16.x's legacy
+    GroupedMLP needs the grouped_gemm package and bf16, 0.18.0+ builds the per-expert loop."""
+    return transformer_engine_available() if model.grouped_gemm is None else model.grouped_gemm
 
 
 def padded_vocab_size(tokenizer_vocab: int, multiple: int = 128) -> int:
@@ -58,9 +68,11 @@ def recompute_fields(recompute: str) -> dict:
 def transformer_config(model: ModelConfig, router: RouterConfig, parallel: ParallelConfig,
                        bf16: bool = False, recompute: str = "none") -> TransformerConfig:
     cuda = torch.cuda.is_available()
+    fusions = fusion_fields(detect_kernels())
     mla_fields = {}
     config_class = TransformerConfig
     if model.multi_latent_attention:
+        fusions["apply_rope_fusion"] = False  # megatron fuses MLA's RoPE for YaRN only
         from megatron.core.transformer.transformer_config import MLATransformerConfig
 
         config_class = MLATransformerConfig
@@ -89,21 +101,18 @@ def transformer_config(model: ModelConfig, router: RouterConfig, parallel: Paral
         moe_shared_expert_intermediate_size=model.shared_expert_intermediate_size,
         # PluginMoELayer builds the planned dispatcher in place of allgather's (same expert layout).
         moe_token_dispatcher_type="allgather" if parallel.dispatcher == "planned" else parallel.dispatcher,
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=grouped_gemm_enabled(model),
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         expert_model_parallel_size=parallel.expert,
+        expert_tensor_parallel_size=expert_tensor_size(parallel),
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=not cuda,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **fusions,
         **mla_fields,
         **recompute_fields(recompute),
         **router_kind(router.type).config_fields(router),
@@ -114,8 +123,14 @@ def layer_spec(config: TransformerConfig, router: RouterConfig, parallel: Parall
                context: RoutingContext, vp_stage: int | None = None):
     """The decoder block spec of this pipeline stage (and virtual stage): megatron's, with our
     MoE layer, router and (planned) dispatcher in every MoE layer."""
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=transformer_engine_available(),
+    use_te = transformer_engine_available()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                       normalization="RMSNorm", vp_stage=vp_stage)
+    if config.sequence_parallel and not use_te:
+        # megatron's torch norm refuses sequence parallelism; ours marks its weight for the TP all-reduce
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        spec = replace_in_spec(spec, WrappedTorchNorm, SequenceParallelRMSNorm)
     router_builder = router_kind(router.type).builder(router, context)
     layer_kwargs = {}
     if parallel.dispatcher == "planned":

@@ -33,7 +33,12 @@ def test_top1_with_pre_softmax_builds_megatrons_config():
     (["router.load_balancing_type=magic"], 1, "load_balancing_type"),
     (["model.first_dense_layers=4"], 1, "first_dense_layers"),
     # step machinery: what megatron-core cannot run as given is refused, never run wrong
-    (["parallel.tensor=2"], 2, "parallel.tensor > 1"),
+    (["parallel.tensor=2"], 2, "set parallel.sequence_parallel=true"),
+    (["parallel.tensor=3", "parallel.sequence_parallel=true"], 3, "model.num_attention_heads=4 does not split"),
+    (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2"], 2, "ETP×EP×PP=4"),
+    (["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=2",
+      "parallel.dispatcher=planned"], 4, "parallel.expert_tensor=1 or use"),
+    (["parallel.expert_tensor=3"], 1, "model.moe_ffn_hidden_size=128 does not split"),
     (["parallel.pipeline=3"], 3, "model.num_layers=4"),
     (["parallel.virtual_pipeline=2"], 1, "parallel.virtual_pipeline=2"),
     (["parallel.pipeline=2", "parallel.virtual_pipeline=2", "train.micro_batch_size=16"], 2,
@@ -50,6 +55,16 @@ def test_validation_errors_are_one_line(overrides, world, needle):
     with pytest.raises(UserError) as error:
         validate(config(*overrides), world_size=world)
     assert needle in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_grouped_gemm_refused_without_transformer_engine():
+    from megatron_grouter.training.model import transformer_engine_available
+
+    if transformer_engine_available():
+        pytest.skip("Transformer Engine is present: grouped GEMM runs here")
+    with pytest.raises(UserError, match="model.grouped_gemm=true needs Transformer Engine") as error:
+        validate(config("model.grouped_gemm=true"), world_size=1)
     assert "\n" not in str(error.value)
 
 
