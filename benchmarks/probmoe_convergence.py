@@ -87,11 +87,17 @@ def verdicts(by_seed: dict[int, dict[str, RunMetrics]], topk: int) -> None:
             continue
         active = [last_half_mean(by_seed[seed][name], "moe/active_experts") for seed in final]
         margins = [final[seed][name] - final[seed]["probmoe_exact_k"] for seed in final]
-        fewer = all(value is not None and value < 0.99 * topk for value in active)  # at least 1% fewer
-        answer = "yes" if fewer and all(margin <= 0 for margin in margins) else "no"
-        print(f"  {name}: fewer active experts than k_max={topk} at a loss no worse than exact-k, every seed: "
-              f"{answer} (active " + ", ".join("n/a" if value is None else f"{value:.3f}" for value in active)
-              + f"; {name} − exact: " + ", ".join(f"{margin:+.4f}" for margin in margins) + ")")
+        print(dynamic_k_verdict(name, active, margins, topk))
+
+
+def dynamic_k_verdict(name: str, active: list[float | None], margins: list[float], topk: int) -> str:
+    """The dynamic-k question's line: "yes" only when every seed used at least 1 % fewer experts than
+    k_max (2.00 of 2 is not fewer) at a final loss no worse than exact-k's."""
+    fewer = bool(active) and all(value is not None and value < 0.99 * topk for value in active)
+    answer = "yes" if fewer and all(margin <= 0 for margin in margins) else "no"
+    return (f"  {name}: fewer active experts than k_max={topk} at a loss no worse than exact-k, every seed: "
+            f"{answer} (active " + ", ".join("n/a" if value is None else f"{value:.3f}" for value in active)
+            + f"; {name} − exact: " + ", ".join(f"{margin:+.4f}" for margin in margins) + ")")
 
 
 def main() -> None:

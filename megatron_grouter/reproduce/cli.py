@@ -36,11 +36,23 @@ def reproduce(cfg: DictConfig) -> Path:
     results = Pipeline(cfg).run()
     preset = {"name": cfg.name, "note": cfg.get("note", ""), "notes": list(cfg.get("notes") or []),
               "seeds": list(cfg.seeds), "first_seed_only": list(cfg.first_seed_only),
+              "headline": OmegaConf.to_container(cfg.headline, resolve=True) if cfg.get("headline") else {},
+              "corpus": corpus_description(cfg.data),
               "minutes": round((time.perf_counter() - started) / 60, 1)}
     report = write_report(out_dir, {(run.router, run.seed): run.directory for run in results.runs},
                           results.summaries, results.stability_file, preset)
     print(f"== done in {preset['minutes']:.1f} min: {report}", flush=True)
     return report
+
+
+def corpus_description(data) -> str:
+    """Which corpus the run used, for the report."""
+    if data.get("prefix"):
+        return f"the indexed dataset {data.prefix} (tokenizer {data.tokenizer})"
+    if data.get("corpus"):
+        return f"{data.corpus}, preprocessed into {data.out_dir}"
+    limit = f", its first {data.max_documents} documents" if data.get("max_documents") else ""
+    return f"the built-in corpus (this interpreter's Python standard library{limit}), preprocessed into {data.out_dir}"
 
 
 @hydra.main(config_path=str(CONF_DIR / "reproduce"), config_name="config", version_base="1.3")

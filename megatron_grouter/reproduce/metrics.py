@@ -3,6 +3,11 @@
   val_curve            validation loss against tokens seen
   tokens_to_reach      tokens a curve needs to first reach a loss (linear interpolation between
                        evaluations; None = not reached)
+  tokens_to_stay_below the crossing rule of the report, robust to noise: the curve is smoothed
+                       (each interior evaluation averaged with its two neighbours; the first and
+                       last kept), and the crossing is the first point after which the smoothed
+                       curve stays at or below the loss at every later evaluation (linear
+                       interpolation into the last up-crossing); None when it ends above
   data_efficiency      tokens the baseline needs to reach its final loss ÷ tokens the candidate
                        needs to reach that same loss (None when the candidate never does)
   loss_gap             candidate − baseline validation loss at the evaluations both runs made
@@ -79,12 +84,37 @@ def tokens_to_reach(tokens: np.ndarray, losses: np.ndarray, target: float) -> fl
     return None
 
 
+def smoothed(losses: np.ndarray) -> np.ndarray:
+    """Each interior point averaged with its two neighbours; the endpoints kept as measured."""
+    losses = np.asarray(losses, dtype=np.float64)
+    if len(losses) < 3:
+        return losses.copy()
+    out = losses.copy()
+    out[1:-1] = (losses[:-2] + losses[1:-1] + losses[2:]) / 3
+    return out
+
+
+def tokens_to_stay_below(tokens: np.ndarray, losses: np.ndarray, target: float) -> float | None:
+    """Tokens after which the smoothed curve stays <= `target` at every later evaluation (linear
+    interpolation into the last up-crossing); None when its last point is above `target`."""
+    curve = smoothed(losses)
+    if not len(curve) or curve[-1] > target:
+        return None
+    above = np.flatnonzero(curve > target)
+    if not len(above):
+        return float(tokens[0])
+    index = int(above[-1]) + 1  # first point of the final stretch at or below target
+    t0, t1, l0, l1 = tokens[index - 1], tokens[index], curve[index - 1], curve[index]
+    return float(t0 + (t1 - t0) * (l0 - target) / (l0 - l1))
+
+
 def data_efficiency(baseline: RunMetrics, candidate: RunMetrics) -> dict:
-    """Baseline tokens to its final loss ÷ candidate tokens to the same loss."""
+    """Baseline tokens to its final loss ÷ candidate tokens to the same loss, both by the crossing
+    rule (tokens_to_stay_below)."""
     target = float(baseline.val_loss[-1])
-    base_tokens = tokens_to_reach(baseline.tokens, baseline.val_loss, target)
-    cand_tokens = tokens_to_reach(candidate.tokens, candidate.val_loss, target)
-    ratio = None if cand_tokens is None or cand_tokens <= 0 else base_tokens / cand_tokens
+    base_tokens = tokens_to_stay_below(baseline.tokens, baseline.val_loss, target)
+    cand_tokens = tokens_to_stay_below(candidate.tokens, candidate.val_loss, target)
+    ratio = None if cand_tokens is None or cand_tokens <= 0 or not base_tokens else base_tokens / cand_tokens
     return {"target_loss": target, "baseline_tokens": base_tokens, "candidate_tokens": cand_tokens,
             "ratio": ratio}
 

@@ -140,16 +140,23 @@ class Pipeline:
         """(dataset prefix, tokenizer), absolute: resolved against the caller's directory, so the
         stage keys name the data itself whatever directory a job runs in."""
         data = self.cfg.data
+        if data.prefix and data.get("corpus"):
+            raise UserError(f"data.prefix and data.corpus are both set; give one: an indexed dataset (with "
+                            f"data.tokenizer) or a corpus to preprocess ({data.corpus})")
         if data.prefix:
             if not data.tokenizer:
                 raise UserError("data.prefix is set but data.tokenizer is not; give the tokenizer the "
                                 "dataset was made with")
             return str(Path(data.prefix).absolute()), str(Path(data.tokenizer).absolute())
-        from megatron_grouter.data.default_corpus import prepare_default_corpus
+        from megatron_grouter.data.corpus import STDLIB
+        from megatron_grouter.data.default_corpus import prepare_corpus
 
-        self._say(f"data: the built-in corpus in {data.out_dir} (prepared once, then reused)")
-        paths = prepare_default_corpus(str(data.out_dir), vocab_size=int(data.vocab_size),
-                                       max_documents=data.max_documents)
+        corpus = str(data.get("corpus") or STDLIB)
+        shown = "the built-in corpus" if corpus == STDLIB else f"corpus {corpus}"
+        self._say(f"data: {shown} in {data.out_dir} (prepared once, then reused)")
+        paths = prepare_corpus(corpus, str(data.out_dir), vocab_size=int(data.vocab_size),
+                               tokenizer=data.tokenizer or None, max_documents=data.max_documents,
+                               jsonl_key=str(data.get("text_field") or "text"), suffixes=data.get("suffixes"))
         return str(Path(paths.prefix).absolute()), str(Path(paths.tokenizer_dir).absolute())
 
     def source_stage(self, data_stage: Stage, train_data: list[str]) -> Stage | None:

@@ -1,11 +1,12 @@
 """report.md (+ summary.json and PNG figures) from the target runs' metrics files.
 
-Per seed, the best baseline is the baseline run with the lowest final validation loss, and the
-best learned baseline the best of those whose router learns (all but the fixed hash); every
-Grouter run is compared with both (data efficiency, loss gap at equal tokens). The headline is the
-tuned Grouter's data efficiency against the best learned baseline over the seeds (the bar of
-TARGET_RATIO), with its spread, whether it was ahead at every evaluation on every seed, and the
-same against the best baseline of all.
+The headline is pre-registered by the preset (`headline:` — router, baselines, bar; see
+reproduce/verdict.py): per seed the best of the headline baselines (every baseline of the run, the
+fixed hash included, unless the preset lists them) is the rival; the report leads with the router's
+data efficiency against it on every seed, mean ± std, the paired final-loss differences, and "met"
+or "missed" for the bar. The best *learned* baseline is a secondary table. Controls (grouter_random:
+frozen without transfer; grouter_warm: transfer without freezing) get their own rows, and the
+token budget of the whole pipeline stands beside the target-only figure (reproduce/budget.py).
 
 Every row of a run whose routing saw future tokens (a bidirectional Grouter trained with
 router.grouter.allow_future_context=true, e.g. grouter_tuned_bidirectional) says so in its name:
@@ -20,37 +21,32 @@ from pathlib import Path
 import numpy as np
 
 from megatron_grouter.atomic_files import write_text_atomic
+from megatron_grouter.reproduce import budget
 from megatron_grouter.reproduce import metrics as m
 from megatron_grouter.reproduce import plots
-from megatron_grouter.reproduce.routers import BIDIRECTIONAL, TUNED_VARIANT_PREFIX, is_baseline, is_grouter, is_learned
+from megatron_grouter.reproduce.routers import BIDIRECTIONAL, CONTROLS, RANDOM, TUNED_VARIANT_PREFIX
 from megatron_grouter.reproduce.stages import write_json_atomic
+from megatron_grouter.reproduce.verdict import HeadlineSpec, compare_seed, controls, headline
 
 CV_WINDOWS = (50, 500)
-HEADLINE = "grouter_tuned"
 FUTURE_LABEL = " (sees future tokens)"
-TARGET_RATIO = 1.3  # the causal re-measure's bar (issue 14): data efficiency on every seed
+CROSSING_RULE = ("Data efficiency = tokens the rival baseline needs to reach its final validation loss ÷ tokens "
+                 "the Grouter run needs to reach that loss. Crossing rule (robust to noise): each curve is "
+                 "smoothed (every interior evaluation averaged with its two neighbours, the first and last kept "
+                 "as measured) and a run reaches the loss at the first point after which its smoothed curve stays "
+                 "at or below it at every later evaluation (linear interpolation into that last crossing); 'not "
+                 "reached' when its curve ends above. Loss gap = Grouter − baseline validation loss at the same "
+                 "token count (negative = Grouter ahead).")
 
 
 def _fmt(value, pattern: str = "{:.3f}", missing: str = "n/a") -> str:
     return missing if value is None else pattern.format(value)
 
 
-def compare_seed(runs: dict[str, m.RunMetrics]) -> dict:
-    """Best baseline and best learned baseline of one seed, and every Grouter run's comparison
-    with each (`comparisons`, `comparisons_learned`; the same when the best baseline learns)."""
-    baselines = {name: run for name, run in runs.items() if is_baseline(name)}
-    best = m.best_run(baselines)
-    learned = {name: run for name, run in baselines.items() if is_learned(name)}
-    best_learned = m.best_run(learned) if learned else best
-
-    def against(reference: str) -> dict:
-        return {name: {"efficiency": m.data_efficiency(baselines[reference], run),
-                       "gap": m.loss_gap(baselines[reference], run)}
-                for name, run in runs.items() if is_grouter(name)}
-    comparisons = against(best)
-    return {"best_baseline": best, "best_learned_baseline": best_learned, "baselines": sorted(baselines),
-            "comparisons": comparisons,
-            "comparisons_learned": comparisons if best_learned == best else against(best_learned)}
+def _pm(mean, std, pattern: str = "{:.2f}") -> str:
+    if mean is None:
+        return "n/a"
+    return pattern.format(mean) + ("" if std is None else " ± " + pattern.replace("+", "").format(std))
 
 
 def label(name: str, row: dict) -> str:
@@ -69,26 +65,6 @@ def run_row(run: m.RunMetrics) -> dict:
             "steps": len(run.steps)}
 
 
-def headline(per_seed: dict[int, dict], against: str = "comparisons_learned") -> dict:
-    ratios, ahead, missing = [], [], []
-    for seed, record in per_seed.items():
-        comparison = record[against].get(HEADLINE)
-        if comparison is None:
-            missing.append(seed)
-            continue
-        ratios.append(comparison["efficiency"]["ratio"])
-        ahead.append(comparison["gap"]["ahead_everywhere"])
-    reached = [ratio for ratio in ratios if ratio is not None]
-    return {"seeds": [seed for seed in per_seed if seed not in missing], "ratios": ratios,
-            "mean": float(np.mean(reached)) if reached else None,
-            "min": min(reached) if reached else None, "max": max(reached) if reached else None,
-            "std": float(np.std(reached, ddof=1)) if len(reached) > 1 else None,
-            "all_reached": bool(ratios) and len(reached) == len(ratios),
-            "ahead_everywhere_all_seeds": bool(ahead) and all(ahead),
-            "meets_ratio_target": bool(reached) and len(reached) == len(ratios)
-            and min(reached) >= TARGET_RATIO}
-
-
 def write_report(out_dir: Path, runs: dict[tuple[str, int], Path], summaries: dict,
                  stability_file: Path | None, preset: dict) -> Path:
     """Read every run's metrics, draw the figures, write report.md and summary.json."""
@@ -96,14 +72,18 @@ def write_report(out_dir: Path, runs: dict[tuple[str, int], Path], summaries: di
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = {key: m.read_run(path, key[0]) for key, path in runs.items()}
     loaded = {key: run for key, run in loaded.items() if len(run.evals)}
+    spec = HeadlineSpec.from_preset(preset)
     seeds = sorted({seed for _, seed in loaded})
-    per_seed = {seed: compare_seed({router: run for (router, s), run in loaded.items() if s == seed})
+    per_seed = {seed: compare_seed({router: run for (router, s), run in loaded.items() if s == seed}, spec.baselines)
                 for seed in seeds}
     rows = {f"{router}-s{seed}": run_row(run) for (router, seed), run in sorted(loaded.items())}
-    top = headline(per_seed)
-    top["against_all_baselines"] = headline(per_seed, "comparisons")
-    top["sees_future_tokens"] = any(rows.get(f"{HEADLINE}-s{seed}", {}).get("sees_future_tokens")
+    finals = {key: float(run.val_loss[-1]) for key, run in loaded.items()}
+    top = headline(per_seed, finals, spec)
+    top["learned_only"] = headline(per_seed, finals, spec, "comparisons_learned")
+    top["controls"] = controls(per_seed, finals, spec, CONTROLS)
+    top["sees_future_tokens"] = any(rows.get(f"{spec.router}-s{seed}", {}).get("sees_future_tokens")
                                     for seed in top["seeds"])
+    top["budget"] = token_budget(summaries, rows, per_seed, top, spec)
     stability = json.loads(stability_file.read_text()) if stability_file and stability_file.is_file() else {}
 
     figures = {"loss_curves": plots.loss_curves(loaded, out_dir / "loss_curves.png"),
@@ -119,7 +99,7 @@ def write_report(out_dir: Path, runs: dict[tuple[str, int], Path], summaries: di
     summary = {"preset": preset, "headline": top, "runs": rows, "per_seed": per_seed,
                "stages": summaries, "stability": stability}
     write_json_atomic(out_dir / "summary.json", summary)
-    text = render(preset, top, per_seed, rows, summaries, stability, figures)
+    text = render(preset, spec, top, per_seed, rows, summaries, stability, figures)
     write_text_atomic(out_dir / "report.md", text)
     return out_dir / "report.md"
 
@@ -130,6 +110,8 @@ def tuned_router(stage: str) -> str:
         return "grouter_tuned"
     if stage == "tune-bidirectional":
         return BIDIRECTIONAL
+    if stage == "tune-random":
+        return RANDOM
     return TUNED_VARIANT_PREFIX + stage[len("tune-"):]
 
 
@@ -153,65 +135,145 @@ def tuning_section(summaries: dict, rows: dict) -> list[str]:
                      f"{_fmt(summary.get('tokens'), '{:,.0f}')} | {_fmt(before.get('max_vio_global'))} → "
                      f"{_fmt(after.get('max_vio_global'))} | {_fmt(after.get('topk_agreement'))} | {losses} |")
     lines += ["", "Held-out windows (not seen by tuning). Agreement: share of the tuned Grouter's top-k experts "
-              "that the distilled (untuned) Grouter also picks. The default objective is the one whose target "
-              "run reaches the lowest validation loss.", ""]
+              "that the distilled (untuned) Grouter also picks. mg-tune's default objective was chosen by "
+              "the target runs' validation loss on the selection split (see the headline's selection note).", ""]
     return lines
 
 
-def render(preset: dict, top: dict, per_seed: dict, rows: dict, summaries: dict, stability: dict,
-           figures: dict) -> str:
+def token_budget(summaries: dict, rows: dict, per_seed: dict, top: dict, spec: HeadlineSpec) -> dict:
+    """Tokens of the Grouter chain (source, distillation, tuning) and, per seed, of the headline
+    router's target run to the rival's final loss, against the rival's target-only tokens; read with
+    the source paid by someone else (overhead: distillation + tuning) and with a source we train."""
+    chain = budget.pipeline_budget(summaries)
+    per = []
+    for seed in top["seeds"]:
+        efficiency = per_seed[seed]["comparisons"][spec.router]["efficiency"]
+        rival_tokens, router_tokens = efficiency["baseline_tokens"], efficiency["candidate_tokens"]
+        overhead = (chain["distill"] or 0) + (chain["tune"] or 0)
+        paid = None if router_tokens is None else router_tokens + overhead
+        own = None if paid is None or chain["source"] is None else paid + chain["source"]
+        per.append({"seed": seed, "rival": per_seed[seed]["best_baseline"], "rival_tokens": rival_tokens,
+                    "router_tokens": router_tokens, "target_run_tokens": rows[f"{spec.router}-s{seed}"]["tokens"],
+                    "with_bought_source": paid, "with_own_source": own,
+                    "efficiency_bought_source": None if not paid else rival_tokens / paid,
+                    "efficiency_own_source": None if not own else rival_tokens / own})
+    return {"chain": chain, "random_chain": budget.pipeline_budget(summaries, "-random"), "per_seed": per}
+
+
+def headline_lines(spec: HeadlineSpec, top: dict, per_seed: dict) -> list[str]:
+    def ratios(record: dict) -> str:
+        return ", ".join(f"seed {seed}: {_fmt(ratio, '{:.2f}×', 'not reached')} (vs {rival})"
+                         for seed, ratio, rival in zip(record["seeds"], record["ratios"], record["rivals"]))
+
+    pool = ", ".join(spec.baselines) if spec.baselines else "every baseline of the run"
+    lines = ["## Headline (pre-registered)", "",
+             f"Registered in the preset before the run: router `{spec.router}`; rival per seed = the best (lowest "
+             f"final validation loss) of {pool} — the fixed hash included; bar: ≥ {spec.bar}× data efficiency on "
+             f"every seed. The learned-only comparison is secondary." + (f" Selection: {spec.selection}"
+                                                                          if spec.selection else ""), ""]
+    if not top["seeds"]:
+        return lines + [f"- `{spec.router}` has no run: no headline.", ""]
+    pair = top["paired_final_loss"]
+    lines += [f"- **`{spec.router}` against the best baseline of all: {ratios(top)}; mean "
+              f"{_pm(top['mean'], top['std'])}× over {len(top['seeds'])} seeds. Bar ≥ {spec.bar}× on every seed: "
+              f"{top['verdict']}.**",
+              f"- Paired per seed (same data order and initialisation), final validation loss `{spec.router}` − rival: "
+              + ", ".join(f"{value:+.4f}" for value in pair["differences"])
+              + f"; mean {_pm(pair['mean'], pair['std'], '{:+.4f}')}"
+              + (f", paired t = {pair['t']:.2f} (df {pair['seeds'] - 1})" if pair["t"] is not None else "")
+              + f"; lower on {pair['negative']} of {pair['seeds']} seeds.",
+              f"- Ahead of the rival at every evaluation on every seed: "
+              f"{'yes' if top['ahead_everywhere_all_seeds'] else 'no'}."]
+    learned = top.get("learned_only")
+    if learned and learned["seeds"]:
+        lines.append(f"- Secondary, against the best *learned* baseline (hash left out): {ratios(learned)}; mean "
+                     f"{_pm(learned['mean'], learned['std'])}×; ≥ {spec.bar}× on every seed: {learned['verdict']}.")
+    for name, control in (top.get("controls") or {}).items():
+        diff = control["minus_router"]
+        lines.append(f"- Control `{name}`: against the same rival {_pm(control['mean'], control['std'])}× "
+                     f"({', '.join(_fmt(ratio, '{:.2f}×', 'not reached') for ratio in control['ratios'])}); final loss "
+                     f"minus `{spec.router}`'s {_pm(diff['mean'], diff['std'], '{:+.4f}')}"
+                     + (f" (paired t = {diff['t']:.2f})" if diff["t"] is not None else "") + ".")
+    if top.get("sees_future_tokens"):
+        lines.append(f"- **`{spec.router}` sees future tokens** (its Grouter is bidirectional): its losses are not "
+                     "comparable with the causal baselines' and the headline does not count.")
+    if len(top["seeds"]) < 3:
+        lines.append(f"- Only {len(top['seeds'])} seed(s) have the headline run: fewer than the three the "
+                     "headline needs for its spread.")
+    lines.append("- Baselines on each seed: " + "; ".join(
+        f"seed {seed}: {', '.join(record['baselines'])} (best: {record['best_baseline']}; best learned: "
+        f"{record['best_learned_baseline']})" for seed, record in per_seed.items()) + ".")
+    return lines + ["", CROSSING_RULE, ""]
+
+
+def budget_lines(spec: HeadlineSpec, top: dict) -> list[str]:
+    plan = top.get("budget") or {}
+    chain, per = plan.get("chain") or {}, plan.get("per_seed") or []
+    if not per:
+        return []
+    random_chain = plan.get("random_chain") or {}
+    lines = ["## Token budget of the whole pipeline", "",
+             f"Tokens processed before the target run: source training {_fmt(chain.get('source'), '{:,.0f}')}, "
+             f"distillation {_fmt(chain.get('distill'), '{:,.0f}')}, tuning {_fmt(chain.get('tune'), '{:,.0f}')}"
+             + (f" (grouter_random: no distillation, tuning {_fmt(random_chain.get('tune'), '{:,.0f}')})"
+                if random_chain.get("tune") is not None else "") + ".", "",
+             f"| seed | rival | rival's target tokens to its final loss | `{spec.router}` target tokens to it | "
+             "+ distillation + tuning (a source someone else paid for) | + source training too (a source we train) |",
+             "|---|---|---|---|---|---|"]
+    for row in per:
+        lines.append(f"| {row['seed']} | {row['rival']} | {_fmt(row['rival_tokens'], '{:,.0f}')} | "
+                     f"{_fmt(row['router_tokens'], '{:,.0f}', 'not reached')} | "
+                     f"{_fmt(row['with_bought_source'], '{:,.0f}')} ({_fmt(row['efficiency_bought_source'], '{:.2f}×')}) | "
+                     f"{_fmt(row['with_own_source'], '{:,.0f}')} ({_fmt(row['efficiency_own_source'], '{:.2f}×')}) |")
+    bought = [row["efficiency_bought_source"] for row in per if row["efficiency_bought_source"]]
+    own = [row["efficiency_own_source"] for row in per if row["efficiency_own_source"]]
+    lines += ["", "Reading. A source someone else paid for (a released MoE, as in the paper): the method's overhead "
+              "is distillation and tuning, and the data efficiency counting it is "
+              + (f"{np.mean(bought):.2f}× (mean over seeds)" if bought else "n/a")
+              + ". A source we train ourselves: the source's tokens count too, and the figure is "
+              + (f"{np.mean(own):.2f}× (mean over seeds)" if own else "n/a")
+              + (" — below 1×: for one target run of this size the source costs more tokens than the Grouter "
+                 "saves; it pays only when one source serves several target runs (the saving recurs per run, the "
+                 "source is paid once). " if own and np.mean(own) < 1 else ". ")
+              + "Tokens are not equal in cost (a source token is a forward and backward of the source MoE, a "
+              "distillation token a source forward plus the small student's step, a tuning token a Grouter "
+              "forward): these are tokens processed, not FLOPs.", ""]
+    return lines
+
+
+def comparison_table(title: str, key: str, best_key: str, per_seed: dict, rows: dict) -> list[str]:
+    lines = [f"## {title}, per seed", "",
+             "| seed | baseline (final loss) | Grouter run | final loss | gap at end | "
+             "ahead at every eval | tokens to baseline's final loss | data efficiency |",
+             "|---|---|---|---|---|---|---|---|"]
+    for seed, record in per_seed.items():
+        best = record[best_key]
+        best_loss = rows[f"{best}-s{seed}"]["final_val_loss"]
+        for name, comparison in sorted(record[key].items()):
+            eff, gap = comparison["efficiency"], comparison["gap"]
+            lines.append(f"| {seed} | {best} ({best_loss:.4f}) | {label(name, rows[f'{name}-s{seed}'])} | "
+                         f"{rows[f'{name}-s{seed}']['final_val_loss']:.4f} | "
+                         f"{_fmt(gap['final'], '{:+.4f}')} | {'yes' if gap['ahead_everywhere'] else 'no'} | "
+                         f"{_fmt(eff['candidate_tokens'], '{:,.0f}', 'not reached')} vs "
+                         f"{_fmt(eff['baseline_tokens'], '{:,.0f}')} | {_fmt(eff['ratio'], '{:.2f}×', 'not reached')} |")
+    return lines + [""]
+
+
+def render(preset: dict, spec: HeadlineSpec, top: dict, per_seed: dict, rows: dict, summaries: dict,
+           stability: dict, figures: dict) -> str:
     lines = [f"# Grouter reproduction — preset `{preset.get('name')}`", ""]
     lines += [f"Written by `mg-reproduce experiment={preset.get('name')}`. {preset.get('note', '')}".strip(), ""]
+    if preset.get("corpus"):
+        lines += [f"Corpus: {preset['corpus']}.", ""]
     if preset.get("minutes") is not None:
         lines += [f"This invocation took {preset['minutes']:.1f} minutes of wall time (stages it found finished were "
                   "skipped; per-stage seconds are listed under Pipeline).", ""]
-    lines += ["## Headline", ""]
-    ratios = ", ".join(f"seed {seed}: {_fmt(ratio, '{:.2f}×', 'not reached')}"
-                       for seed, ratio in zip(top["seeds"], top["ratios"]))
-    lines.append(f"- Data efficiency of `{HEADLINE}` against the best learned baseline of each seed: {ratios or 'n/a'}"
-                 + (f"; mean {top['mean']:.2f}× (min {top['min']:.2f}×, max {top['max']:.2f}×"
-                    + (f", std {top['std']:.2f}" if top["std"] is not None else "") + ")" if top["mean"] else ""))
-    overall = top.get("against_all_baselines")
-    if overall and overall["seeds"] and any(record["best_baseline"] != record["best_learned_baseline"] for record in per_seed.values()):
-        lines.append("- Against the best baseline of all (the fixed hash included): " + ", ".join(
-            f"seed {seed}: {_fmt(ratio, '{:.2f}×', 'not reached')}" for seed, ratio in zip(overall["seeds"], overall["ratios"]))
-            + f"; ≥ {TARGET_RATIO}× on every seed: **{'met' if overall['meets_ratio_target'] else 'missed'}**.")
-    if top.get("sees_future_tokens"):
-        lines.append(f"- **`{HEADLINE}` sees future tokens** (its Grouter is bidirectional): its losses are not "
-                     "comparable with the causal baselines' and the headline does not count.")
-    lines.append(f"- Target ≥ {TARGET_RATIO}× on every seed: **{'met' if top['meets_ratio_target'] else 'missed'}**.")
-    lines.append(f"- `{HEADLINE}` ahead of the best learned baseline at every evaluation on every seed: "
-                 f"**{'yes' if top['ahead_everywhere_all_seeds'] else 'no'}**.")
-    lines.append("- Baselines compared on each seed: " + "; ".join(
-        f"seed {seed}: {', '.join(record['baselines'])} (best: {record['best_baseline']}; best learned: "
-        f"{record['best_learned_baseline']})" for seed, record in per_seed.items()) + ".")
-    if len(top["seeds"]) < 2:
-        lines.append("- Only one seed has the headline run: the spread is not measured.")
-    lines += ["", "Data efficiency = tokens the best baseline needs to reach its final validation loss ÷ "
-              "tokens the Grouter run needs to reach that loss (linear interpolation between evaluations; "
-              "'not reached' when it never does). Loss gap = Grouter − best baseline validation loss at the "
-              "same token count (negative = Grouter ahead).", ""]
-
-    for title, key, best_key in (("the best learned baseline", "comparisons_learned", "best_learned_baseline"),
-                                 ("the best baseline of all", "comparisons", "best_baseline")):
-        if key == "comparisons" and all(record["best_baseline"] == record["best_learned_baseline"]
-                                        for record in per_seed.values()):
-            continue
-        lines += [f"## Comparison with {title}, per seed", "",
-                  "| seed | baseline (final loss) | Grouter run | final loss | gap at end | "
-                  "ahead at every eval | tokens to baseline's final loss | data efficiency |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for seed, record in per_seed.items():
-            best = record[best_key]
-            best_loss = rows[f"{best}-s{seed}"]["final_val_loss"]
-            for name, comparison in sorted(record[key].items()):
-                eff, gap = comparison["efficiency"], comparison["gap"]
-                lines.append(f"| {seed} | {best} ({best_loss:.4f}) | {label(name, rows[f'{name}-s{seed}'])} | "
-                             f"{rows[f'{name}-s{seed}']['final_val_loss']:.4f} | "
-                             f"{_fmt(gap['final'], '{:+.4f}')} | {'yes' if gap['ahead_everywhere'] else 'no'} | "
-                             f"{_fmt(eff['candidate_tokens'], '{:,.0f}', 'not reached')} vs {eff['baseline_tokens']:,.0f} | "
-                             f"{_fmt(eff['ratio'], '{:.2f}×', 'not reached')} |")
-        lines.append("")
+    lines += headline_lines(spec, top, per_seed)
+    lines += comparison_table("Headline comparison: the best baseline of all", "comparisons", "best_baseline",
+                              per_seed, rows)
+    lines += comparison_table("Secondary comparison: the best learned baseline (hash left out)",
+                              "comparisons_learned", "best_learned_baseline", per_seed, rows)
+    lines += budget_lines(spec, top)
 
     lines += ["## Every run", "",
               "| run | steps | tokens | final val loss | MaxVioGlobal (first tenth → last half) | expert bias: mean abs change per step, final mean abs "
