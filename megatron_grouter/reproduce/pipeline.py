@@ -185,10 +185,11 @@ class Pipeline:
 
     def random_chain(self, source: Stage | None, prefix: str, tokenizer: str) -> tuple[Stage, Path]:
         """The grouter_random control: the causal student with zero distillation steps (its random
-        initialisation, seeded), tuned like grouter_tuned; (tune stage, tuned Grouter)."""
+        initialisation, seeded), folded like the distilled one when the expert counts differ, tuned like
+        grouter_tuned; (tune stage, tuned Grouter)."""
         distill, summary = self.distill_stage(source, prefix, tokenizer, True, "-random", ["train.steps=0"])
-        tune, grouter = self.tune_stage(distill, Path(summary["grouter"]), prefix, "-random",
-                                        self._list("tune.objective"))
+        raw_stage, raw_grouter = self.fold_stage(distill, Path(summary["grouter"]), prefix, "-random")
+        tune, grouter = self.tune_stage(raw_stage, raw_grouter, prefix, "-random", self._list("tune.objective"))
         return tune, grouter
 
     def tuned_variants(self, raw_stage: Stage, raw_grouter: Path, prefix: str,
