@@ -46,11 +46,23 @@ def check_device(device: str) -> None:
                             "CPU with train.device=auto")
 
 
+# Hydra's command-line flags that take a value (`--cfg job`); none of them is a config override.
+_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun")
+
+
 def _launch_overrides(arguments: list[str]) -> list[str]:
     """The config overrides among mg-train's arguments (Hydra's own flags and hydra.* settings do
-    not change the config)."""
-    return [argument for argument in arguments
-            if not argument.startswith("-") and not argument.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    not change the run's config)."""
+    overrides, skip_value = [], False
+    for argument in arguments:
+        if skip_value:
+            skip_value = False
+        elif argument.startswith("-"):
+            skip_value = argument in _FLAGS_WITH_VALUE
+        elif not argument.lstrip("+~").startswith(("hydra.", "hydra/")):
+            overrides.append(argument)
+    return overrides
 
 
 def main(arguments: list[str] | None = None) -> int:
