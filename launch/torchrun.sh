@@ -52,7 +52,7 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 
 # Without a GPU, a GPU run (train.device=cuda) is refused here in one line, before any rank starts.
 if (( gpus == 0 )) && [[ -z "${MG_DRY_RUN:-}" ]]; then
-  python -m megatron_grouter.training.device_check "$@" || exit 2
+  python3 -m megatron_grouter.training.device_check "$@" || exit 2
 fi
 
 command=(torchrun --nproc-per-node "$NPROC_PER_NODE" "${rendezvous[@]}" --max-restarts "$MAX_RESTARTS"

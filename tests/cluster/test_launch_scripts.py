@@ -172,7 +172,7 @@ def test_sbatch_runs_the_step_in_a_pyxis_container(slurm_cluster: SlurmCluster, 
     assert "torchrun" in step[step.index("-c") + 1]
     if lines["gpus"] == ["0"]:  # the pre-flight runs in the same image
         preflight = lines["preflight"]
-        assert preflight[preflight.index("python") - 3:preflight.index("python")] == flags
+        assert preflight[preflight.index("python3") - 3:preflight.index("python3")] == flags
         assert preflight[-3:] == ["megatron_grouter.training.device_check", "parallel=ep2", "train.steps=3"]
 
 
@@ -226,8 +226,8 @@ def test_sbatch_trains_through_apptainer_exec(slurm_cluster: SlurmCluster, stdli
     commands = [call[image_at[index] + 1:] for index, call in enumerate(calls)]
     step = [command for command in commands if command[0] == "bash"]
     assert len(step) == 1 and "torchrun" in step[0][2] and step[0][3:] == ["_", *overrides]
-    preflight = [command for command in commands if command[0] == "python"]
-    assert preflight == [["python", "-m", "megatron_grouter.training.device_check", *overrides]]
+    preflight = [command for command in commands if command[0] == "python3"]
+    assert preflight == [["python3", "-m", "megatron_grouter.training.device_check", *overrides]]
 
 
 def free_port() -> int:
