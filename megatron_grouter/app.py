@@ -17,12 +17,21 @@ CONF_DIR = Path(os.environ.get("MG_CONF_DIR") or Path(__file__).resolve().parent
 
 
 def run_app(job: Callable, cfg) -> object:
-    """Run a job; a UserError prints one line `error: ...` and exits with status 2."""
+    """Run a job; a UserError prints one line `error: ...` and exits with status 2. A collective
+    that lost a peer rank (it died) prints one line naming that rank and exits with status 1."""
     try:
         return job(cfg)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RuntimeError as error:
+        from megatron_grouter.runtime.peer_failure import peer_failure_line
+
+        line = peer_failure_line(error)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def command_status(job: Callable[[], object]) -> int:

@@ -231,6 +231,15 @@ def read_dataset_meta(prefix: str) -> dict:
 
 
 def check_dataset_tokenizer(prefix: str, tokenizer: Tokenizer) -> dict:
+    """What every tool checks before it reads a dataset: `read_dataset_meta`, the tokenizer, and the
+    .bin's content against its recorded sha256 with ids in range (once, then remembered:
+    data/integrity.py). Returns the meta record."""
+    from megatron_grouter.data.integrity import verify_dataset
+
+    return verify_dataset(prefix, tokenizer)
+
+
+def check_meta_tokenizer(prefix: str, tokenizer: Tokenizer) -> dict:
     """`read_dataset_meta`, refusing a dataset that was tokenised with another tokenizer."""
     meta = read_dataset_meta(prefix)
     if meta["tokenizer"] != tokenizer.fingerprint():

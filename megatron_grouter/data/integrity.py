@@ -101,11 +101,12 @@ def verify_dataset_content(prefix: str, vocab_size: int, meta: dict, dtype) -> B
         problems = []
         if changed:
             problems.append(f"its content hash (sha256 {scan.sha256[:12]}) differs from the one recorded "
-                            f"when it was written ({recorded[:12]}): the file was modified or damaged")
+                            f"when it was written ({recorded[:12]}): the file was modified or damaged "
+                            "(or its .meta.json was copied from another dataset)")
         if scan.out_of_range:
             problems.append(f"{scan.out_of_range} of its {scan.num_tokens} token ids are outside the "
                             f"tokenizer's {vocab_size} (ids {scan.min_id}..{scan.max_id})")
-        raise UserError(f"dataset {prefix}.bin cannot be trained on: {'; '.join(problems)}; preprocess "
+        raise UserError(f"dataset {prefix}.bin cannot be used: {'; '.join(problems)}; preprocess "
                         "the corpus again (mg-preprocess) or restore the file")
     if recorded is None:
         log.info("data: %s.meta.json records no content hash (made by an older mg-preprocess): token ids "
@@ -123,9 +124,9 @@ def verify_dataset(prefix: str, tokenizer) -> dict:
     with `tokenizer`, content unchanged and ids in range. Returns the meta record."""
     from megatron.core.datasets.indexed_dataset import _IndexReader
 
-    from megatron_grouter.data.indexed import check_dataset_tokenizer
+    from megatron_grouter.data.indexed import check_meta_tokenizer
 
-    meta = check_dataset_tokenizer(prefix, tokenizer)  # also refuses an unreadable .idx
+    meta = check_meta_tokenizer(prefix, tokenizer)  # also refuses an unreadable .idx
     dtype = _IndexReader(str(prefix) + ".idx", multimodal=False).dtype
     verify_dataset_content(prefix, tokenizer.vocab_size, meta, dtype)
     return meta

@@ -8,10 +8,15 @@ training sample would be invalidated by every change of seq_length or seed.)
 Files in the cache directory:
   indices.bin   [tokens, k] uint8 when E ≤ 256, else int16
   weights.bin   [tokens, k] bfloat16 gate weights
-  manifest.json format, k, E, window, the Grouter's fingerprint, the dataset's fingerprint
-                (token and document counts, sha256 of the .idx), complete flag
+  manifest.json format, k, E, window, the Grouter's fingerprint (sha256 of its weights and
+                config), the dataset's fingerprint (token and document counts, sha256 of the .idx
+                and of the .bin as its meta records it), complete flag
   progress/     chunk completion markers while writing (resumable after a kill)
 Size: exactly k·(1 or 2) + k·2 bytes per token plus the manifest.
+
+The manifest names what the rows were computed from, but a label can be edited: opened with the
+Grouter it will be used with, a cache is also spot-checked by content (SPOT_CHECK_WINDOWS windows,
+sampled by the dataset's fingerprint, routed again and compared with their cached rows).
 """
 
 from __future__ import annotations
@@ -29,7 +34,11 @@ from megatron_grouter.atomic_files import write_json_atomic
 from megatron_grouter.errors import UserError
 
 FORMAT = "megatron-grouter/routing-cache"
-VERSION = 1
+VERSION = 2  # 2: the dataset fingerprint includes the .bin's sha256
+SPOT_CHECK_WINDOWS = 4
+# Share of spot-checked tokens whose cached expert set must equal the Grouter's routing (not 1.0:
+# a cache written on another device may break a near-tie between two experts the other way).
+SPOT_CHECK_AGREEMENT = 0.95
 
 
 def dataset_fingerprint(prefix: str) -> dict:
@@ -40,9 +49,14 @@ def dataset_fingerprint(prefix: str) -> dict:
     from megatron.core.datasets.indexed_dataset import _IndexReader
 
     index = _IndexReader(str(idx_path), multimodal=False)
+    try:  # recorded by mg-preprocess and verified against the .bin (data/integrity.py)
+        bin_sha256 = json.loads(Path(prefix + ".meta.json").read_text()).get("bin_sha256")
+    except (OSError, ValueError, AttributeError):
+        bin_sha256 = None
     return {"num_tokens": int(bin_path.stat().st_size // index.dtype_size),
             "num_documents": int(len(index.sequence_lengths)),
-            "idx_sha256": hashlib.sha256(idx_path.read_bytes()).hexdigest()}
+            "idx_sha256": hashlib.sha256(idx_path.read_bytes()).hexdigest(),
+            "bin_sha256": bin_sha256}
 
 
 def index_dtype(num_experts: int) -> np.dtype:
@@ -71,8 +85,10 @@ class RoutingCache:
 
 
 def open_cache(directory: str | Path, prefix: str, grouter_fingerprint: str | None = None,
-               num_experts: int | None = None, topk: int | None = None) -> RoutingCache:
-    """Open a complete cache, refusing (one line) one that does not match its dataset or Grouter."""
+               num_experts: int | None = None, topk: int | None = None, grouter=None,
+               device: torch.device = torch.device("cpu")) -> RoutingCache:
+    """Open a complete cache, refusing (one line) one that does not match its dataset or Grouter.
+    With `grouter` (the loaded Grouter it will be used with) its rows are spot-checked too."""
     directory = Path(directory)
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
@@ -108,7 +124,46 @@ def open_cache(directory: str | Path, prefix: str, grouter_fingerprint: str | No
     indices = np.memmap(directory / "indices.bin", dtype=dtype, mode="r", shape=(tokens, k))
     weights = np.memmap(directory / "weights.bin", dtype=np.uint16, mode="r", shape=(tokens, k))
     _check_expert_ids(directory, indices, int(manifest["num_experts"]))
-    return RoutingCache(directory, manifest, indices, weights)
+    cache = RoutingCache(directory, manifest, indices, weights)
+    if grouter is not None:
+        spot_check(cache, prefix, grouter, device)
+    return cache
+
+
+def spot_check(cache: RoutingCache, prefix: str, grouter, device: torch.device = torch.device("cpu"),
+               windows_to_check: int = SPOT_CHECK_WINDOWS) -> float:
+    """Route a few windows (chosen by the dataset fingerprint: the same ones on every rank) with
+    `grouter` and compare each token's expert set with the cached one; refuse a cache that holds
+    another Grouter's routing whatever its manifest says. Returns the share that agreed."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_grouter.routing.windows import DocumentWindows, route_windows
+
+    window = int(cache.manifest["window"])
+    if window != grouter.config.max_seq_length or cache.topk != grouter.config.topk:
+        return 1.0  # refused by the callers' own checks, with a better message
+    windows = DocumentWindows(IndexedDataset(prefix, mmap=True), window)
+    starts, lengths = windows.all_windows()
+    if len(starts) == 0:
+        return 1.0
+    seed = int(cache.manifest["dataset"]["idx_sha256"][:8], 16)
+    rows = np.sort(np.random.default_rng(seed).choice(len(starts), min(windows_to_check, len(starts)),
+                                                      replace=False))
+    with torch.no_grad():
+        indices_NWK, _ = route_windows(grouter, windows, starts[rows], lengths[rows], device)
+    agreed = total = 0
+    for row, (start, length) in enumerate(zip(starts[rows].tolist(), lengths[rows].tolist())):
+        routed = np.sort(indices_NWK[row, :length].numpy(), axis=-1)
+        cached = np.sort(np.asarray(cache.indices[start:start + length], dtype=np.int64), axis=-1)
+        agreed += int(np.all(routed == cached, axis=-1).sum())
+        total += length
+    share = agreed / max(total, 1)
+    if share < SPOT_CHECK_AGREEMENT:
+        raise UserError(f"routing cache {cache.directory} does not hold this Grouter's routing: only "
+                        f"{agreed} of {total} spot-checked tokens get the same experts (its rows were "
+                        "computed by another Grouter or are damaged, whatever its manifest says); rerun "
+                        "mg-predispatch with this Grouter")
+    return share
 
 
 MANIFEST_FIELDS = {"topk": int, "num_experts": int, "window": int, "grouter_fingerprint": str, "dataset": dict}

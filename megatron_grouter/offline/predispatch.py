@@ -1,8 +1,14 @@
 """mg-predispatch: write the routing cache of a dataset (see data/routing_cache.py).
 
 The cache holds exactly the online Grouter's routing (same document windows), so it is causal
-when the Grouter is. Resumable: rerunning with the same arguments skips finished chunks. Under torchrun the chunks are
-split over the ranks, each writing its rows straight into the shared memory-mapped files.
+when the Grouter is. Under torchrun the chunks are split over the ranks, each writing its rows
+straight into the shared memory-mapped files.
+
+The dataset is verified first (tokenizer, and the .bin's content against its recorded sha256:
+once, cached; data/integrity.py). The cache is written into a hidden staging directory beside
+the target and renamed into place only when complete: a failure removes it, a killed run leaves
+it for the next run with the same arguments to resume (finished chunks are skipped); the target
+directory never holds a partial cache.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 
 import hydra
 import torch
@@ -18,13 +26,14 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from megatron_grouter.app import CONF_DIR, run_app
+from megatron_grouter.atomic_files import publish_directory
 
 log = logging.getLogger("megatron_grouter")
 
 
 def predispatch(cfg: DictConfig) -> dict:
     from megatron_grouter.data.routing_cache import write_cache
-    from megatron_grouter.data.indexed import check_dataset_tokenizer
+    from megatron_grouter.data.integrity import verify_dataset
     from megatron_grouter.data.tokenizer import load_tokenizer
     from megatron_grouter.grouter.checkpoint import grouter_fingerprint, load_grouter
     from megatron_grouter.routing.setup import default_cache_dir
@@ -40,7 +49,7 @@ def predispatch(cfg: DictConfig) -> dict:
 
         start_process_group()
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    check_dataset_tokenizer(cfg.data.prefix, tokenizer)
+    verify_dataset(cfg.data.prefix, tokenizer)  # tokenizer, and the .bin's content hash (cached)
     grouter, _ = load_grouter(cfg.grouter, expected_tokenizer=tokenizer.fingerprint())
     grouter.eval().requires_grad_(False).to(device)
     fingerprint = grouter_fingerprint(cfg.grouter)
@@ -53,16 +62,55 @@ def predispatch(cfg: DictConfig) -> dict:
         log.warning("predispatch: the Grouter is bidirectional (causal=false): its routing SEES FUTURE "
                     "TOKENS; mg-train uses this cache only with router.grouter.allow_future_context=true")
     barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+    existing = _complete_cache(cache_dir, cfg.data.prefix, grouter, fingerprint, device)
+    if existing is not None:
+        log.info("predispatch: %s already holds this Grouter's complete routing of %s", cache_dir,
+                 cfg.data.prefix)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return {"cache": cache_dir, "tokens": existing.manifest["dataset"]["num_tokens"],
+                "routed_tokens_this_rank": 0}
+    staging = staging_directory(cache_dir)
     if rank == 0:
-        os.makedirs(cache_dir, exist_ok=True)
+        os.makedirs(staging, exist_ok=True)
     barrier()
-    stats = write_cache(cache_dir, cfg.data.prefix, grouter, fingerprint,
-                        window=grouter.config.max_seq_length, rank=rank, world_size=world_size,
-                        chunk_windows=cfg.chunk_windows, device=device, barrier=barrier)
+    try:
+        stats = write_cache(staging, cfg.data.prefix, grouter, fingerprint,
+                            window=grouter.config.max_seq_length, rank=rank, world_size=world_size,
+                            chunk_windows=cfg.chunk_windows, device=device, barrier=barrier)
+        if rank == 0:
+            shutil.rmtree(staging / "progress", ignore_errors=True)
+            publish_directory(staging, cache_dir)  # (replaces an older cache only now)
+    except Exception:  # (an interrupt, like a kill, leaves the staging directory to resume from)
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    barrier()
     log.info("predispatch done: %s", json.dumps(stats))
     if dist.is_initialized():
         dist.destroy_process_group()
     return {"cache": cache_dir, **stats}
+
+
+def _complete_cache(cache_dir, prefix, grouter, fingerprint, device):
+    """The cache already at `cache_dir` when it is complete and this Grouter's, else None."""
+    from megatron_grouter.data.routing_cache import open_cache
+    from megatron_grouter.errors import UserError
+
+    if not (Path(cache_dir) / "manifest.json").is_file():
+        return None
+    try:
+        cache = open_cache(cache_dir, prefix, grouter_fingerprint=fingerprint, grouter=grouter, device=device)
+    except UserError:
+        return None  # rewritten below
+    return cache if cache.manifest["window"] == grouter.config.max_seq_length else None
+
+
+def staging_directory(cache_dir: str | os.PathLike) -> Path:
+    """Where a cache is written before it is complete: hidden, beside the target, and the same
+    for the same target (a killed run's chunks are found by the next one)."""
+    target = Path(cache_dir)
+    return target.parent / f".{target.name}.partial"
 
 
 @hydra.main(config_path=str(CONF_DIR / "tool"), config_name="predispatch", version_base="1.3")

@@ -108,7 +108,8 @@ def build_routing_source(root, prefix: str, tokenizer, vocab_size: int, device: 
 
         cache_dir = settings.cache or default_cache_dir(prefix, fingerprint)
         cache = open_cache(cache_dir, prefix, grouter_fingerprint=fingerprint,
-                           num_experts=root.model.num_experts, topk=root.model.topk)
+                           num_experts=root.model.num_experts, topk=root.model.topk, grouter=grouter,
+                           device=device)
         if cache.manifest["window"] != grouter.config.max_seq_length:
             raise UserError(f"routing cache {cache_dir} used window {cache.manifest['window']} but "
                             f"the Grouter's is {grouter.config.max_seq_length}; predispatch again")

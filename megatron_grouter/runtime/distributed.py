@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.runtime.cpu_compat import apply_cpu_compat
+from megatron_grouter.runtime.peer_failure import announce_rank
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def start_process_group(timeout_minutes: float = 30) -> str:
         raise UserError(f"WORLD_SIZE={world_size} needs MASTER_ADDR and MASTER_PORT; start the processes "
                         "with torchrun or set both")
     dist.init_process_group(backend=backend, world_size=world_size, rank=rank, timeout=timeout)
+    announce_rank()  # so that a survivor can name this rank if it dies (runtime/peer_failure.py)
     return backend
 
 

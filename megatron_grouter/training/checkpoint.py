@@ -140,16 +140,16 @@ def save_failure_error(failure: BaseException | None, root: Path, step: int, par
     if failure is None:  # another rank failed: it reports why
         return UserError(f"another rank failed while saving step {step}; freed the partial checkpoint "
                          "(see that rank's error)")
-    if not _is_out_of_space(failure, root):
-        return failure
     previous = find_latest(root)
     needs = max(_tree_bytes(previous) if previous is not None else 0, partial_bytes)
+    if not _is_out_of_space(failure, root, needs):
+        return failure
     return UserError(f"no space left on {_mount_point(root)} while saving step {step} (needs ~"
                      f"{max(needs / 2**20, 0.1):.1f} MB); freed the partial checkpoint — free space or "
                      "point train.out_dir at a larger disk, then resume (train.resume=auto)")
 
 
-def _is_out_of_space(failure: BaseException, root: Path) -> bool:
+def _is_out_of_space(failure: BaseException, root: Path, needs: int) -> bool:
     seen, error = set(), failure
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -158,10 +158,13 @@ def _is_out_of_space(failure: BaseException, root: Path) -> bool:
         if "[Errno 28]" in str(error) or "No space left" in str(error):
             return True
         error = error.__cause__ or error.__context__
-    try:  # torch's zip writer reports a short write as "unexpected pos ..."
-        return shutil.disk_usage(root).free < (1 << 20)
+    try:  # torch's zip writer reports a short write as "unexpected pos ...", without an errno
+        free = shutil.disk_usage(root).free
     except OSError:
         return False
+    # Nearly full, or no room for a checkpoint the size of the previous one (the partial one's
+    # files may already be gone: torch's writer removes what it could not finish).
+    return free < max(needs, 1 << 20)
 
 
 def _tree_bytes(path: Path | None) -> int:

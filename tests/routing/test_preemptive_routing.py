@@ -152,13 +152,16 @@ def test_cache_survives_a_kill_mid_write(setup, tmp_path):
                "chunk_windows=2"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((cache / "progress").glob("*.done"))) < 3:
+    from megatron_grouter.offline.predispatch import staging_directory
+
+    progress = staging_directory(cache) / "progress"  # the cache is published only once complete
+    while time.time() < deadline and len(list(progress.glob("*.done"))) < 3:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done_before = len(list((cache / "progress").glob("*.done")))
+    done_before = len(list(progress.glob("*.done")))
     assert done_before >= 3
-    with pytest.raises(UserError, match="incomplete"):
+    with pytest.raises(UserError, match="no routing cache"):
         open_cache(cache, data["prefix"])
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
     resumed = open_cache(cache, data["prefix"])
