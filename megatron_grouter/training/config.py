@@ -246,6 +246,11 @@ def validate_tensor_parallel(model: ModelConfig, parallel: ParallelConfig) -> No
     if tensor > 1 and not parallel.sequence_parallel:
         raise UserError(f"parallel.tensor={tensor} with MoE layers needs sequence parallelism (megatron-core "
                         "refuses it at the first forward otherwise); set parallel.sequence_parallel=true")
+    if expert_tensor != tensor and parallel.expert == 1:
+        raise UserError(f"parallel.expert_tensor={expert_tensor} differs from parallel.tensor={tensor}, which "
+                        "megatron-core supports only with expert parallelism (with one EP rank it reduces expert "
+                        "gradients as dense ones, never across the TP ranks); set parallel.expert ≥ 2 or "
+                        "parallel.expert_tensor to parallel.tensor")
     heads = model.num_attention_heads
     groups = model.num_query_groups or heads
     for name, value, knob, size in (

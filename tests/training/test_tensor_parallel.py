@@ -1,7 +1,8 @@
 """Tensor and expert-tensor parallelism must not change the maths.
 
 One process vs TP=2 (experts split over the expert-TP group, ETP=TP as Megatron-LM defaults),
-TP=2 with whole experts (ETP=1) and TP=2 × EP=2 (4 processes), all gloo on CPU with sequence
+TP=2 × EP=2 with whole experts (ETP=1: megatron folds the TP ranks into the EP group, 2
+processes) and TP=2 × EP=2 with ETP=2 (4 processes), all gloo on CPU with sequence
 parallelism (our sequence-parallel RMSNorm answers megatron's torch norm). Every rank's weights
 are compared with the one-process model's, sliced as megatron shards them, at init and after
 5 steps; losses and the MoE metrics the trainer logs must equal the one-process run's.
@@ -18,7 +19,7 @@ STEPS = 5
 TP = ["parallel.tensor=2", "parallel.sequence_parallel=true"]
 LAYOUTS = {"single": (1, []),
            "tp2": (2, TP),
-           "tp2_etp1": (2, [*TP, "parallel.expert_tensor=1"]),
+           "tp2_ep2_etp1": (2, [*TP, "parallel.expert=2", "parallel.expert_tensor=1"]),
            "tp2_ep2": (4, [*TP, "parallel.expert=2"])}
 MOE_METRICS = ("moe/load_balancing_loss", "moe/active_experts", "moe/max_vio")
 
@@ -61,25 +62,29 @@ def full_name(name: str, rank_info: dict, num_local_experts: int) -> str:
 
 def assert_weights_match(single: dict, ranks: list[dict], when: str, atol: float) -> None:
     full = single["ranks"][0][when]["weights"]
-    for info in ranks:
-        weights = info[when]["weights"]
+    covered = set()
+    for dump in ranks:
+        info = dump[when]
         num_local = 8 // info["ep"][1]
-        assert len(weights) == len(full)
-        for name, local in weights.items():
+        for name, local in info["weights"].items():
+            covered.add(full_name(name, info, num_local))
             reference = full[full_name(name, info, num_local)]
             rank = info["etp" if ".local_experts." in name else "tp"][0]
             torch.testing.assert_close(local, expected_shard(reference, local.shape, name, rank),
                                        atol=atol, rtol=0, msg=lambda m, name=name: f"{when} {name}: {m}")
+    assert covered == set(full)  # every weight of the one-process model is held by some rank
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "tp2_etp1", "tp2_ep2"])
+@pytest.mark.parametrize("layout", ["tp2", "tp2_ep2_etp1", "tp2_ep2"])
 def test_tensor_parallel_trains_like_one_process(runs, layout):
     single, parallel = runs["single"], runs[layout]
     # every rank starts from its slice of the one-process weights ...
     assert_weights_match(single, parallel["ranks"], "initial", atol=0)
-    # ... and after 5 steps holds its slice of the one-process trained weights (fp32 round-off)
-    assert_weights_match(single, parallel["ranks"], "trained", atol=2e-5)
+    # ... and after 5 steps its slice of the one-process trained weights: Adam moves each weight by
+    # up to 5·lr = 1.5e-2; round-off in near-zero gradients (rare tokens' embedding rows) moves a
+    # few by ~5e-5, a wrong reduction by ~1e-2 (as megatron does at ETP < TP without EP)
+    assert_weights_match(single, parallel["ranks"], "trained", atol=2e-4)
     reference, losses = train_losses(single["dir"]), train_losses(parallel["dir"])
     assert sorted(losses) == sorted(reference) == list(range(1, STEPS + 1))
     for step in reference:
@@ -89,16 +94,18 @@ def test_tensor_parallel_trains_like_one_process(runs, layout):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp2", "tp2_ep2"])
 def test_expert_shards_differ_across_expert_tensor_ranks(runs, layout):
-    by_rank = {(info["etp"][0], info["ep"][0], info["dp"][0]): info for info in runs[layout]["ranks"]}
-    for info in runs[layout]["ranks"]:
-        assert info["etp"][1] == 2  # ETP defaults to TP, as in Megatron-LM
-        peer = by_rank.get((1 - info["etp"][0], info["ep"][0], info["dp"][0]))
-        if peer is None:
-            continue
+    dumps = runs[layout]["ranks"]
+    place = {(dump["initial"]["etp"][0], dump["initial"]["ep"][0], dump["initial"]["dp"][0]): dump for dump in dumps}
+    peers = 0
+    for (etp_rank, ep_rank, dp_rank), dump in place.items():
+        assert dump["initial"]["etp"][1] == 2  # ETP defaults to TP, as in Megatron-LM
+        peer = place[(1 - etp_rank, ep_rank, dp_rank)]
         for when in ("initial", "trained"):
-            for name, shard in info[when]["weights"].items():
+            for name, shard in dump[when]["weights"].items():
                 if ".local_experts." in name:
+                    peers += 1
                     assert not torch.equal(shard, peer[when]["weights"][name]), f"{when} {name}"
+    assert peers > 0
 
 
 @pytest.mark.slow
