@@ -69,7 +69,8 @@ def predispatch(cfg: DictConfig) -> dict:
         if dist.is_initialized():
             dist.destroy_process_group()
         return {"cache": cache_dir, "tokens": existing.manifest["dataset"]["num_tokens"],
-                "routed_tokens_this_rank": 0}
+                "routed_tokens_this_rank": 0,
+                "bytes_per_token": existing.topk * (existing.indices.dtype.itemsize + 2)}
     staging = staging_directory(cache_dir)
     if rank == 0:
         os.makedirs(staging, exist_ok=True)

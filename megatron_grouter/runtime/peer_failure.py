@@ -18,7 +18,7 @@ import socket
 import torch.distributed as dist
 
 KEY = "megatron_grouter/rank/{rank}"
-PEER_LOST = re.compile(r"Connection (?:reset|closed) by peer(?: \[([^\]]+)\]:(\d+))?|Broken pipe")
+PEER_LOST = re.compile(r"Connection (?:reset|closed) by peer(?: \[([^\]]+)\]:(\d+))?")
 
 
 def _store():

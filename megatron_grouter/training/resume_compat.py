@@ -21,6 +21,7 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_g
                 "qk_pos_emb_head_dim", "v_head_dim")
 # Parallel sizes the checkpoint cannot be resharded over (its optimizer state is dp_reshardable).
 LAYOUT_FIELDS = ("tensor_parallel", "pipeline_parallel", "expert_parallel")
+PARALLEL_FIELDS = ("virtual_pipeline", "expert_tensor")  # (config.parallel; None: the default)
 
 
 def shape_differences(saved: dict, current: dict) -> list[str]:
@@ -34,15 +35,14 @@ def shape_differences(saved: dict, current: dict) -> list[str]:
             differences.append(f"model.{name} {saved_model[name]}→{current_model[name]}")
     if "vocab_size" in saved and "vocab_size" in current and saved["vocab_size"] != current["vocab_size"]:
         differences.append(f"vocab_size {saved['vocab_size']}→{current['vocab_size']}")
-    saved_parallel = (saved.get("config") or {}).get("parallel") or {}
-    current_parallel = (current.get("config") or {}).get("parallel") or {}
     for name in LAYOUT_FIELDS:
         if name in saved and name in current and saved[name] != current[name]:
             differences.append(f"{name} {saved[name]}→{current[name]}")
-    if saved_parallel.get("virtual_pipeline") != current_parallel.get("virtual_pipeline") \
-            and "virtual_pipeline" in saved_parallel and "virtual_pipeline" in current_parallel:
-        differences.append(f"parallel.virtual_pipeline {saved_parallel['virtual_pipeline']}→"
-                           f"{current_parallel['virtual_pipeline']}")
+    saved_parallel = (saved.get("config") or {}).get("parallel") or {}
+    current_parallel = (current.get("config") or {}).get("parallel") or {}
+    for name in PARALLEL_FIELDS:
+        if name in saved_parallel and name in current_parallel and saved_parallel[name] != current_parallel[name]:
+            differences.append(f"parallel.{name} {saved_parallel[name]}→{current_parallel[name]}")
     return differences
 
 
