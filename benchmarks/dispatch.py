@@ -61,7 +61,7 @@ def build_layer(args, routing_context, dispatcher: str):
     from megatron_grouter.routing.preemptive_router import FixedRouter
     from megatron_grouter.training.moe_layer import PluginMoELayer
 
-    mlp_spec = get_moe_module_spec(use_te=False, num_experts=args.experts, moe_grouped_gemm=False)
+    mlp_spec = get_moe_module_spec(use_te=False, num_experts=args.experts)
     router = functools.partial(FixedRouter, context=routing_context)
     if dispatcher == "planned":
         spec = plugin_moe_spec(mlp_spec, PluginMoELayer, router, dispatcher_builder=functools.partial(

@@ -76,7 +76,7 @@ def build_layer(routing_context, ep_size: int, learned: bool = False, planned: b
     router = MeteredTopKRouter if learned else functools.partial(HybridRouter, context=routing_context)
     dispatcher = {"dispatcher_builder": functools.partial(PlannedAllToAllDispatcher, context=routing_context,
                                                           verify=verify)} if planned else {}
-    spec = plugin_moe_spec(get_moe_module_spec(use_te=False, num_experts=NUM_EXPERTS, moe_grouped_gemm=False),
+    spec = plugin_moe_spec(get_moe_module_spec(use_te=False, num_experts=NUM_EXPERTS),
                            PluginMoELayer, router, **dispatcher)
     with building_plugin_layers():
         layer = spec(config=config)

@@ -5,7 +5,8 @@ With ETP=1 megatron folds the two TP ranks into the EP grid (TP=2 × EP=2 on 2 p
 group is the TP group), and sequence parallelism gives each rank half of every sequence: each
 rank counts and dispatches its own half. Preemptive routing (a random Grouter's cache, plans
 counted by the planner from each rank's sequence slice, verified against every layer's routing
-and across ranks) and a learned router (each layer counts) must give one process's losses.
+and across ranks) and a learned router with a shared expert (each layer counts) must give one
+process's losses.
 """
 
 import pytest
@@ -25,7 +26,7 @@ def assert_same_losses(reference_dir, planned_dir, steps: int) -> None:
 
 
 @pytest.mark.slow
-def test_planned_tp2_etp1_preemptive_routing_matches_one_process(routed_data, tmp_path):  # noqa: F811
+def test_planned_tp2_etp1_preemptive_routing_matches_one_process(routed_data, tmp_path):
     torchrun(1, [*routed_data, f"train.out_dir={tmp_path / 'single'}"])
     planned = torchrun(2, [*routed_data, *PLANNED_TP2, f"train.out_dir={tmp_path / 'planned'}"])
     output = planned.stdout + planned.stderr
@@ -34,8 +35,11 @@ def test_planned_tp2_etp1_preemptive_routing_matches_one_process(routed_data, tm
 
 
 @pytest.mark.slow
-def test_planned_tp2_etp1_learned_router_matches_one_process(stdlib_data, tmp_path):
-    common = [*data_overrides(stdlib_data), *MICRO_MODEL, "train.steps=5", "train.warmup_steps=1",
+def test_planned_tp2_etp1_learned_router_with_shared_expert_matches_one_process(stdlib_data, tmp_path):
+    # the shared expert's output is added by megatron's MoELayer outside the dispatcher (megatron
+    # refuses shared-expert overlap with the allgather type the planned dispatcher is built under)
+    common = [*data_overrides(stdlib_data), *MICRO_MODEL, "model.shared_expert_intermediate_size=64",
+              "train.steps=5", "train.warmup_steps=1",
               "train.eval_interval=0", "train.save_interval=-1", "train.log_interval=1"]
     torchrun(1, [*common, f"train.out_dir={tmp_path / 'single'}"])
     torchrun(2, [*common, *PLANNED_TP2, f"train.out_dir={tmp_path / 'planned'}"])

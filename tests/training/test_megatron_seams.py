@@ -94,7 +94,7 @@ def test_both_spec_forms_become_our_layer(one_process):
     from megatron_grouter.training.model import transformer_config
     from megatron_grouter.training.moe_layer import PluginMoELayer
 
-    installed = get_moe_module_spec(use_te=False, num_experts=MODEL.num_experts, moe_grouped_gemm=False)
+    installed = get_moe_module_spec(use_te=False, num_experts=MODEL.num_experts)
     submodules = installed.submodules if isinstance(installed, ModuleSpec) else installed.keywords["submodules"]
     forms = {"ModuleSpec": ModuleSpec(module=MoELayer, submodules=submodules),
              "partial": functools.partial(MoELayer, submodules=submodules)}
