@@ -22,7 +22,7 @@ set -euo pipefail
 
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  gpus=$(nvidia-smi -L | grep -c '^GPU')
+  gpus=$(nvidia-smi -L | grep -c '^GPU' || true)
 fi
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 2 ))}
 NNODES=${NNODES:-1}

@@ -176,6 +176,21 @@ def test_sbatch_runs_the_step_in_a_pyxis_container(slurm_cluster: SlurmCluster, 
         assert preflight[-3:] == ["megatron_grouter.training.device_check", "parallel=ep2", "train.steps=3"]
 
 
+@pytest.mark.parametrize(("visible", "gpus"), [("0", "1"), ("NoDevFiles", "0"), ("", "0")])
+def test_sbatch_counts_the_gpus_slurm_gave_the_job(slurm_cluster: SlurmCluster, tmp_path: Path,
+                                                   visible: str, gpus: str) -> None:
+    """CUDA_VISIBLE_DEVICES (what Slurm sets for --gpus-per-node) decides; only a job that sees no
+    GPU runs the pre-flight."""
+    job_id = submit(slurm_cluster, tmp_path, ["parallel=ep2"], MG_DRY_RUN="1", CUDA_VISIBLE_DEVICES=visible)
+
+    state, _, output = finished_job(slurm_cluster, job_id, tmp_path)
+
+    assert state == "COMPLETED", output
+    lines = dry_run_lines(output)
+    assert lines["gpus"] == [gpus]
+    assert ("preflight" in lines) == (gpus == "0")
+
+
 def test_sbatch_refuses_two_container_runtimes_at_once(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     job_id = submit(slurm_cluster, tmp_path, ["parallel=ep2"], MG_CONTAINER_IMAGE="a.sqsh",
                     MG_APPTAINER_IMAGE="b.sif")
