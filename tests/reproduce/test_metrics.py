@@ -18,10 +18,13 @@ def test_data_efficiency_interpolates_and_says_not_reached(two_runs):
     # The short run stops above the long run's final loss: never reached.
     behind = m.data_efficiency(long, short)
     assert behind["candidate_tokens"] is None and behind["ratio"] is None
-    # The long run reaches the short run's final loss no later than the short run did.
+    # The long run reaches the short run's final loss no later than the short run did, both by the
+    # crossing rule (smoothed curve, stays at or below from then on).
     ahead = m.data_efficiency(short, long)
-    expected = m.tokens_to_reach(long.tokens, long.val_loss, float(short.val_loss[-1]))
-    assert ahead["ratio"] == pytest.approx(short.tokens[-1] / expected)
+    expected = m.tokens_to_stay_below(long.tokens, long.val_loss, float(short.val_loss[-1]))
+    assert ahead["baseline_tokens"] == m.tokens_to_stay_below(short.tokens, short.val_loss, float(short.val_loss[-1]))
+    assert ahead["candidate_tokens"] == pytest.approx(expected)
+    assert ahead["ratio"] == pytest.approx(ahead["baseline_tokens"] / expected)
 
     # Between two evaluations the crossing is linear in tokens.
     index = int(np.argmax(np.diff(long.val_loss) < 0)) + 1
