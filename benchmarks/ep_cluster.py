@@ -8,7 +8,7 @@ bytes across the link (the link's kernel counters), time in collectives, and the
 α–β all-to-all model against the measured times and its prediction for EP 8/16/32 on 8-GPU nodes
 (reproduce/ep_cluster_model.py). Needs root (network namespaces); skips with the reason otherwise.
 
-  .venv/bin/python benchmarks/ep_cluster.py                         # 40 Mbit/s link, 2 rounds
+  .venv/bin/python benchmarks/ep_cluster.py                         # 80 Mbit/s link, 2 rounds
   .venv/bin/python benchmarks/ep_cluster.py --rate-mbit 0           # unshaped link (all-to-all share)
   .venv/bin/python benchmarks/ep_cluster.py --out docs/results/ep_cluster.md
 """
@@ -16,6 +16,7 @@ bytes across the link (the link's kernel counters), time in collectives, and the
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -25,30 +26,45 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def scale_topk(work: Path, settings, num_experts: int = 64):
-    """Top-k routing of training samples by a random 64-expert Grouter (for EP up to 32)."""
-    from megatron_grouter.offline.plan_ep import _open_routing_cache, _training_dataset
-    from megatron_grouter.offline.predispatch import predispatch
-    from megatron_grouter.placement.training_samples import training_topk
-    from megatron_grouter.reproduce.ep_cluster_stage import _compose_tool, random_grouter
-    from megatron_grouter.reproduce.ep_cluster_stage import prepare_corpus as corpus
+HOW_MEASURED = [
+    "How measured: link bytes are the kernel tx counters of both veth ends (TCP/IP headers, gloo and "
+    "TCPStore control traffic and the dense gradients' all-reduce included), read when rank 0 logs a "
+    "step, between the first and last measured step. Collective times are a rank's seconds inside each "
+    "call (transfer plus waiting for its peers), mean over the 4 ranks; 'share of step' is the token "
+    "all-to-all time ÷ step time. Step time and tokens/s are the trainer's own per-step figures (median).",
+    "Caveat: the machine has 2 CPU cores shared with other jobs, so compute time is inflated and noisy; "
+    "the two layouts alternate run by run so that load drifts hit both alike.",
+]
 
-    data = corpus()
-    grouter = random_grouter(data["tokenizer"], work / "grouter-e64", num_experts, settings.topk, seed=1)
-    cache = work / "cache-e64"
-    predispatch(_compose_tool("predispatch", [f"grouter={grouter}", f"data.prefix={data['prefix']}",
-                                              f"data.tokenizer={data['tokenizer']}", f"cache={cache}",
-                                              "chunk_windows=16"]))
-    cfg = _compose_tool("plan_ep", [f"grouter={grouter}", f"cache={cache}", f"data.prefix={data['prefix']}",
-                                    f"data.tokenizer={data['tokenizer']}", f"data.out_dir={data['out_dir']}",
-                                    "train.global_batch_size=64", "train.steps=64", "train.eval_iters=1",
-                                    f"train.seq_length={settings.seq_length}", "out=unused.npz"])
-    return training_topk(_training_dataset(cfg), _open_routing_cache(cfg), 64 * 64, progress=False), num_experts
+
+def scale_topk(work: Path, settings, num_experts: int = 64, samples: int = 2048):
+    """Top-k routing of the first training samples by a random 64-expert Grouter (for EP up to
+    32), routed here in windows of the Grouter's length (no second routing cache)."""
+    import numpy as np
+    import torch
+
+    from megatron_grouter.data.gpt_datasets import build_gpt_datasets
+    from megatron_grouter.data.tokenizer import load_tokenizer
+    from megatron_grouter.grouter.checkpoint import load_grouter
+    from megatron_grouter.reproduce.ep_cluster_stage import prepare_corpus, random_grouter
+
+    data = prepare_corpus()
+    path = random_grouter(data["tokenizer"], work / "grouter-e64", num_experts, settings.topk, seed=1)
+    grouter = load_grouter(path)[0].eval()
+    train_ds, _, _ = build_gpt_datasets(data["prefix"], load_tokenizer(data["tokenizer"]),
+                                        seq_length=settings.seq_length, seed=settings.seed, split="96,2,2",
+                                        num_samples=(samples, 0, 0),
+                                        cache_dir=str(Path(data["out_dir"]) / "index_cache"))
+    window = grouter.config.max_seq_length
+    tokens_SL = torch.stack([torch.as_tensor(train_ds[i]["tokens"]) for i in range(samples)])
+    with torch.no_grad():
+        topk_WwK, _ = grouter.route(tokens_SL.reshape(-1, window))
+    return topk_WwK.reshape(samples, settings.seq_length, -1).numpy().astype(np.int64), num_experts
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rate-mbit", type=float, default=40.0, help="link rate each way; 0: unshaped")
+    parser.add_argument("--rate-mbit", type=float, default=80.0, help="link rate each way; 0: unshaped")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of every figure")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default, planned) ")
@@ -59,11 +75,14 @@ def main() -> int:
     parser.add_argument("--tokens-per-rank", type=int, default=16384, help="for the EP 8/16/32 prediction")
     parser.add_argument("--out", default=None, help="also write the tables to this markdown file")
     parser.add_argument("--json", default=None, help="also write every figure to this json file")
+    parser.add_argument("--from-json", default=None, help="render the tables of a saved --json run (no runs)")
     args = parser.parse_args()
 
     from megatron_grouter.reproduce import ep_cluster_model, ep_cluster_stage
     from megatron_grouter.reproduce.emulated_cluster import missing_requirements
 
+    if args.from_json:
+        return render(json.loads(Path(args.from_json).read_text()), args)
     reason = missing_requirements()
     if reason is not None:
         print(f"skipped: {reason}")
@@ -75,22 +94,34 @@ def main() -> int:
         work = Path(args.work_dir or scratch)
         inputs = ep_cluster_stage.prepare_inputs(work, settings, grouter=args.grouter)
         result = ep_cluster_stage.compare(inputs, settings, work / "runs")
-        lines = ep_cluster_stage.table_lines(result)
-        if settings.rate_mbit is not None:
-            result["calibration"] = ep_cluster_model.calibrate(result["summary"], settings.rate_mbit,
-                                                               settings.hidden_size)
-            lines += ["", *ep_cluster_model.calibration_lines(result["calibration"])]
         if not args.no_scale:
             topk_SLK, experts = scale_topk(work, settings)
             result["scale"] = ep_cluster_model.scale_predictions(topk_SLK, experts, tokens_per_rank=args.tokens_per_rank)
-            lines += ["", *ep_cluster_model.scale_lines(result["scale"], args.tokens_per_rank)]
-    command = "python benchmarks/ep_cluster.py " + " ".join(sys.argv[1:])
-    lines += ["", f"command: `{command.strip()}` ({time.perf_counter() - started:.0f} s wall)"]
-    print("\n".join(lines))
-    from megatron_grouter.atomic_files import write_json_atomic, write_text_atomic
-
+    result["command"] = "python benchmarks/ep_cluster.py " + " ".join(sys.argv[1:])
+    result["wall_s"] = time.perf_counter() - started
     if args.json:
-        write_json_atomic(args.json, result)
+        from megatron_grouter.atomic_files import write_json_atomic
+
+        write_json_atomic(args.json, result, default=float)
+    return render(result, args)
+
+
+def render(result: dict, args) -> int:
+    """Print (and with --out write) the tables of a run's result; the model parts from this code."""
+    from megatron_grouter.atomic_files import write_text_atomic
+    from megatron_grouter.reproduce import ep_cluster_model, ep_cluster_stage
+
+    lines = ep_cluster_stage.table_lines(result)
+    rate = result["settings"]["rate_mbit"]
+    if rate is not None:
+        calibration = ep_cluster_model.calibrate(result["summary"], rate, result["settings"]["hidden_size"])
+        lines += ["", *ep_cluster_model.calibration_lines(calibration)]
+    if result.get("scale"):
+        lines += ["", *ep_cluster_model.scale_lines(result["scale"], args.tokens_per_rank)]
+    lines += ["", *HOW_MEASURED]
+    wall = f" ({result['wall_s']:.0f} s wall)" if "wall_s" in result else ""
+    lines += ["", f"command: `{result.get('command', 'python benchmarks/ep_cluster.py').strip()}`{wall}"]
+    print("\n".join(lines))
     if args.out:
         write_text_atomic(args.out, "\n".join(lines) + "\n")
     return 0

@@ -16,6 +16,8 @@ the model with published per-GPU figures on each layout's planned/default send m
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from megatron_grouter.placement.alltoall_time import Topology, alltoall_seconds, rank_terms
@@ -37,14 +39,16 @@ def emulated_topology(rate_mbit: float, hidden_size: int, row_bytes: int, latenc
 
 
 def fit_latency_us(sends_RR: np.ndarray, measured_layer_s: float, topology: Topology) -> float:
-    """α that makes the model match `measured_layer_s` for this matrix (0 if the bandwidth terms
-    alone already exceed it)."""
-    terms = rank_terms(sends_RR, topology)
-    slowest = int(np.maximum(terms["intra"], terms["inter"]).argmax())
-    peers = max(1.0, terms["latency"][slowest] / max(topology.latency_us * 1e-6, 1e-30)
-                if topology.latency_us else float(((np.asarray(sends_RR) > 0).sum(1) - 1).max()))
-    bandwidth = float(np.maximum(terms["intra"], terms["inter"]).max())
-    return max(0.0, (measured_layer_s / ALLTOALLS_PER_LAYER - bandwidth) / peers * 1e6)
+    """α (µs per message) that makes the model's slowest rank match `measured_layer_s` for this
+    matrix; 0 when the bandwidth terms alone already exceed the measurement."""
+    terms = rank_terms(sends_RR, replace(topology, latency_us=0.0))
+    bandwidth_R = np.maximum(terms["intra"], terms["inter"])
+    sends = np.asarray(sends_RR, dtype=np.float64).copy()
+    np.fill_diagonal(sends, 0.0)
+    peers_R = ((sends > 0) | (sends.T > 0)).sum(1)
+    slowest = int(bandwidth_R.argmax())
+    spare_s = measured_layer_s / ALLTOALLS_PER_LAYER - float(bandwidth_R[slowest])
+    return max(0.0, spare_s / max(int(peers_R[slowest]), 1) * 1e6)
 
 
 def calibrate(summary: dict, rate_mbit: float, hidden_size: int) -> dict:

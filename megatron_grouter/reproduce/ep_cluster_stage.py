@@ -36,7 +36,7 @@ LAYOUTS = ("default", "planned")
 
 @dataclass
 class ClusterSettings:
-    rate_mbit: float | None = 40.0  # link rate each way; None: unshaped
+    rate_mbit: float | None = 80.0  # link rate each way; None: unshaped
     steps: int = 12
     warmup: int = 3  # steps left out of every figure (first-step setup, allocator warm-up)
     rounds: int = 2  # default, planned, default, planned, ...
@@ -48,6 +48,7 @@ class ClusterSettings:
     seq_length: int = 128
     global_batch_size: int = 16
     seed: int = 1234
+    split: str = "96,2,2"  # data.split (train, valid, test documents)
     timeout_s: float = 900.0
     extra: list[str] = field(default_factory=list)  # more mg-train overrides for both layouts
 
@@ -147,7 +148,7 @@ def plan_ep_inputs(inputs: Inputs, plan: Path, settings: ClusterSettings) -> Non
     from megatron_grouter.offline.plan_ep import plan_ep
 
     result = plan_ep(_compose_tool("plan_ep", [
-        f"grouter={inputs.grouter}", f"cache={inputs.cache}", *inputs.data_overrides(), "data.split='96,2,2'",
+        f"grouter={inputs.grouter}", f"cache={inputs.cache}", *inputs.data_overrides(), f"data.split='{settings.split}'",
         f"train.seq_length={settings.seq_length}", f"train.global_batch_size={settings.global_batch_size}",
         f"train.seed={settings.seed}", f"train.steps={settings.steps}", "train.eval_iters=1",
         f"train.micro_batch_size={settings.micro_batch_size}", f"ep_size={EP_SIZE}", f"dp_size={EP_SIZE}",
@@ -156,7 +157,7 @@ def plan_ep_inputs(inputs: Inputs, plan: Path, settings: ClusterSettings) -> Non
 
 
 def layout_overrides(layout: str, inputs: Inputs, settings: ClusterSettings, out_dir: Path) -> list[str]:
-    common = [*inputs.data_overrides(), "data.split='96,2,2'", *settings.model_overrides(),
+    common = [*inputs.data_overrides(), f"data.split='{settings.split}'", *settings.model_overrides(),
               *settings.train_overrides(), "router=grouter_fixed", f"router.grouter.path={inputs.grouter}",
               "router.grouter.source=cached", f"router.grouter.cache={inputs.cache}",
               f"parallel.expert={EP_SIZE}", f"parallel.ranks_per_node={RANKS_PER_NODE}",

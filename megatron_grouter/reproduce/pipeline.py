@@ -31,6 +31,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_grouter.errors import UserError
+from megatron_grouter.reproduce import ep_cluster_stage
 from megatron_grouter.reproduce.jobs import check_launcher, run_job
 from megatron_grouter.reproduce.routers import (BIDIRECTIONAL, GROUTER_RUNS, RANDOM, is_learned,
                                                 missing_variant, router_overrides, tuned_variant)
@@ -133,6 +134,7 @@ class Pipeline:
             grouters["random"] = self.random_chain(source, prefix, tokenizer)
         self.target_stages(data_stage, train_data, grouters)
         self.planned_run_stage(train_data, grouters)
+        ep_cluster_stage.pipeline_stage(self, grouters, prefix, tokenizer)  # optional: ep_cluster.enabled
         self.stability_stage(prefix)
         return self.results
 

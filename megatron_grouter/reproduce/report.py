@@ -22,6 +22,7 @@ import numpy as np
 
 from megatron_grouter.atomic_files import write_text_atomic
 from megatron_grouter.reproduce import budget
+from megatron_grouter.reproduce import ep_cluster_stage
 from megatron_grouter.reproduce import metrics as m
 from megatron_grouter.reproduce import plots
 from megatron_grouter.reproduce.routers import BIDIRECTIONAL, CONTROLS, RANDOM, TUNED_VARIANT_PREFIX
@@ -337,6 +338,7 @@ def render(preset: dict, spec: HeadlineSpec, top: dict, per_seed: dict, rows: di
 
         tuned = [row for name, row in sorted(rows.items()) if name.startswith("grouter_tuned-s")]
         lines += ["", report_line(summaries["planned_ep"], tuned[0]["final_val_loss"] if tuned else None)]
+    lines += ep_cluster_stage.report_lines(summaries)  # the optional emulated-cluster stage
     if preset.get("notes"):
         lines += ["", "## Notes", "", *[f"- {note}" for note in preset["notes"]]]
     return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ pytestmark = [
 ]
 
 SETTINGS = stage.ClusterSettings(rate_mbit=200, steps=3, warmup=0, num_layers=2, hidden_size=64,
-                                 num_experts=NUM_EXPERTS, topk=TOPK, seq_length=64, global_batch_size=8,
+                                 num_experts=NUM_EXPERTS, topk=TOPK, seq_length=64, global_batch_size=8, split="80,10,10",
                                  timeout_s=600)
 
 
@@ -52,3 +52,19 @@ def test_ep4_over_two_emulated_nodes_trains_like_ep1(inputs, tmp_path):
     assert result["link_bytes_per_step"] > 0
     assert result["alltoall_calls_per_step"] >= 4 * SETTINGS.num_layers
     assert stage.remote_rows(result["sends_RR_per_call"]) > 0
+
+
+def test_planned_layout_over_two_emulated_nodes_trains_like_ep1(inputs, tmp_path):
+    """mg-plan-ep's layout (expert groups + sample placement) with the planned dispatcher: the same
+    global batches and the same expert weights per Grouter expert, so EP=1's losses again."""
+    from megatron_grouter.runtime.distributed import free_port
+
+    stage.plan_ep_inputs(inputs, tmp_path / "plan.npz", SETTINGS)
+    with EmulatedCluster(SETTINGS.rate_mbit) as cluster:
+        result = stage.run_layout(cluster, "planned", inputs, SETTINGS, tmp_path / "ep4", free_port())
+    torchrun(1, _single_process_overrides(inputs, tmp_path / "ep1"))
+    reference = train_losses(tmp_path / "ep1")
+    assert sorted(result["losses"]) == sorted(reference) == [1, 2, 3]
+    for step, loss in reference.items():
+        assert result["losses"][step] == pytest.approx(loss, rel=2e-6, abs=1e-6), step
+    assert result["collectives_per_rank"][0]["alltoall_metadata"] == 0  # plans looked up: no count exchange
