@@ -63,6 +63,9 @@ def train(cfg: DictConfig) -> dict:
     root = to_train_config(cfg)
     check_device(root.train.device)  # a GPU preset without a GPU stops here, not on CPU over gloo
     validate(root, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    # One hardware queue per GPU keeps megatron's TP/SP and grad-reduce collectives in issue order
+    # (what Megatron-LM's launch scripts export); set before CUDA starts, overridable.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     layout = init_distributed(root.parallel.tensor, root.parallel.pipeline, root.parallel.expert,
                               num_experts=root.model.num_experts,
                               virtual_pipeline=root.parallel.virtual_pipeline,

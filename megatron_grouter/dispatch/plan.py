@@ -15,6 +15,8 @@ from functools import cached_property
 
 import torch
 
+from megatron_grouter.runtime.host_syncs import host_data
+
 
 
 class DispatchPlanMismatch(RuntimeError):
@@ -62,14 +64,17 @@ class DispatchPlan:
     def for_rank(self, ep_rank: int) -> RankSplits:
         """Split sizes of `ep_rank`, computed once and shared by all MoE layers."""
         if ep_rank not in self._splits:
+            self._splits[ep_rank] = self._splits_of(ep_rank)
+        return self._splits[ep_rank]
+
+    def _splits_of(self, ep_rank: int) -> RankSplits:
+        with host_data():  # a plan's counts live on the host
             counts_RPL = self.tokens_per_rank_and_local_expert_RPL
             received_RL = counts_RPL[:, ep_rank]
-            self._splits[ep_rank] = RankSplits(
-                input_splits=counts_RPL[ep_rank].sum(-1).tolist(),
-                output_splits=received_RL.sum(-1).tolist(),
-                received_per_source_and_expert=received_RL.reshape(-1).tolist(),
-                tokens_per_local_expert=received_RL.sum(0).clone())
-        return self._splits[ep_rank]
+            return RankSplits(input_splits=counts_RPL[ep_rank].sum(-1).tolist(),
+                              output_splits=received_RL.sum(-1).tolist(),
+                              received_per_source_and_expert=received_RL.reshape(-1).tolist(),
+                              tokens_per_local_expert=received_RL.sum(0).clone())
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, DispatchPlan)

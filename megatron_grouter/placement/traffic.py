@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megatron_grouter.runtime.distributed import all_reduce_host
 
 FIELDS = ("tokens", "pairs_leaving_rank", "pairs_leaving_node", "sends_rank", "sends_node")
 
@@ -55,13 +54,20 @@ class EPTrafficMeter:
             return
         for routing in routings:
             slots_SBK = routing.tokens_SBK.slots
-            counts = token_traffic(slots_SBK.reshape(-1, slots_SBK.shape[-1]).numpy(), self.rank_of_slot,
+            counts = token_traffic(slots_SBK.reshape(-1, slots_SBK.shape[-1]).cpu().numpy(), self.rank_of_slot,
                                    self.ep_rank, self.ranks_per_node)
             for name, value in counts.items():
                 self.totals[name] += value
 
-    def step_metrics(self, trainer) -> dict:
-        summed = all_reduce_host(torch.tensor([self.totals[name] for name in FIELDS], dtype=torch.float64),
-                                 group=self.group)
+    def step_sums(self) -> dict[str, torch.Tensor]:
+        """This rank's traffic of the step (host), summed over ranks by the trainer at log steps."""
+        counts = torch.tensor([self.totals[name] for name in FIELDS], dtype=torch.float64)
         self.totals = dict.fromkeys(FIELDS, 0)
-        return {f"ep/{name}": int(value) for name, value in zip(FIELDS, summed.tolist())}
+        return {"ep_traffic": counts}
+
+    # every tensor-parallel rank observes the whole micro-batch: count it once
+    tensor_parallel_copies = ("ep_traffic",)
+
+    @staticmethod
+    def summarise_sums(sums: dict[str, torch.Tensor]) -> dict:
+        return {f"ep/{name}": int(value) for name, value in zip(FIELDS, sums["ep_traffic"].tolist())}

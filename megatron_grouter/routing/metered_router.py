@@ -23,9 +23,8 @@ class LoadMeter(torch.nn.Module):
 
     @torch.no_grad()
     def record_entropy(self, entropy_T: torch.Tensor) -> None:
-        self.entropy_sum_tokens += torch.stack([entropy_T.double().sum(),
-                                                torch.tensor(float(entropy_T.numel()), dtype=torch.float64,
-                                                             device=entropy_T.device)])
+        self.entropy_sum_tokens[0] += entropy_T.double().sum()
+        self.entropy_sum_tokens[1] += entropy_T.numel()  # a Python number: no host→device copy
 
     def take_entropy(self) -> torch.Tensor:
         """[entropy sum, tokens] since the last call (zeros if the router reports none)."""

@@ -46,6 +46,19 @@ class RoutedTokens:
         return RoutedTokens(*(tensor.pin_memory() for tensor in (self.slots, self.weights, self.routed)))
 
 
+_SLOT_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _slot_table(rule: RoutingRule, device: torch.device) -> torch.Tensor:
+    """The rule's slot permutation on `device`, copied there once per run (not per micro-batch)."""
+    if rule.slot_of_expert.device == device:
+        return rule.slot_of_expert
+    key = (id(rule.slot_of_expert), device)
+    if key not in _SLOT_TABLES:
+        _SLOT_TABLES[key] = rule.slot_of_expert.to(device)
+    return _SLOT_TABLES[key]
+
+
 def threshold_mask(weights_TK: torch.Tensor, threshold: float) -> torch.Tensor:
     """Keep the longest prefix of the descending weights whose cumulative sum stays ≤ threshold
     (always at least the top expert)."""
@@ -59,7 +72,7 @@ def route_tokens(indices: torch.Tensor, weights: torch.Tensor, rule: RoutingRule
     """The routing of tokens whose source chose experts `indices` with `weights` ([..., k])."""
     slots = indices.long()
     if rule.slot_of_expert is not None:
-        slots = rule.slot_of_expert.to(slots.device)[slots]
+        slots = _slot_table(rule, slots.device)[slots]
     weights = weights.float() * rule.scaling_factor
     if rule.activation_threshold is None:
         routed = torch.ones_like(slots, dtype=torch.bool)
@@ -75,8 +88,11 @@ def copies_per_slot(routing: RoutedTokens, num_experts: int, groups: int = 1) ->
     slots_GN = routing.slots.reshape(groups, -1)
     routed_GN = routing.routed.reshape(groups, -1)
     offsets_G1 = torch.arange(groups, device=slots_GN.device)[:, None] * num_experts
-    flat = (slots_GN + offsets_G1)[routed_GN]
-    counts = torch.bincount(flat, minlength=groups * num_experts).view(groups, num_experts)
+    # a scatter-add of the routed flags: no boolean indexing or bincount, which size their output
+    # from the data (a device→host sync on the GPU)
+    counts = torch.zeros(groups * num_experts, dtype=torch.int64, device=slots_GN.device)
+    counts.scatter_add_(0, (slots_GN + offsets_G1).reshape(-1), routed_GN.reshape(-1).long())
+    counts = counts.view(groups, num_experts)
     return counts[0] if groups == 1 else counts
 
 
@@ -87,7 +103,7 @@ class MicroBatchRouting:
     (with the planned dispatcher) the dispatch plan of the whole EP group."""
 
     tokens_SBK: RoutedTokens
-    copies_E: torch.Tensor  # host int64
+    copies_E: torch.Tensor  # int64, where the routing was computed (host, or the online Grouter's device)
     plan: object | None = None  # dispatch.plan.DispatchPlan
     sees_future_tokens: bool = False
 
@@ -95,7 +111,10 @@ class MicroBatchRouting:
         return replace(self, tokens_SBK=self.tokens_SBK.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "MicroBatchRouting":
-        """Host copy in page-locked memory, so `to(cuda, non_blocking=True)` does not block."""
+        """Host copy in page-locked memory, so `to(cuda, non_blocking=True)` does not block
+        (routing computed on the device stays there)."""
+        if self.tokens_SBK.slots.device.type != "cpu":
+            return self
         return replace(self, tokens_SBK=self.tokens_SBK.pin_memory())
 
     def with_plan(self, plan) -> "MicroBatchRouting":
@@ -104,9 +123,9 @@ class MicroBatchRouting:
 
 def route_micro_batch(indices_BSK: torch.Tensor, weights_BSK: torch.Tensor, rule: RoutingRule,
                       sees_future_tokens: bool = False) -> MicroBatchRouting:
-    """A micro-batch's routing from its source's batch-first top-k (on the host)."""
+    """A micro-batch's routing from its source's batch-first top-k (host or device: it stays there)."""
     indices_SBK = indices_BSK.transpose(0, 1).contiguous()
     weights_SBK = weights_BSK.transpose(0, 1).contiguous()
     tokens = route_tokens(indices_SBK, weights_SBK, rule)
-    return MicroBatchRouting(tokens, copies_per_slot(tokens, rule.num_experts).cpu(),
+    return MicroBatchRouting(tokens, copies_per_slot(tokens, rule.num_experts),
                              sees_future_tokens=sees_future_tokens)

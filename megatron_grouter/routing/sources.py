@@ -1,6 +1,7 @@
 """Where preemptive routing comes from: a source maps a micro-batch to its tokens' top-k.
 
-`topk_for(batch)` returns batch-first [b, s, k] source-expert ids and gate weights, on the host.
+`topk_for(batch)` returns batch-first [b, s, k] source-expert ids and gate weights: on the host
+(cache, hash table: `on_host`), or on the device (the online Grouter).
 Sources: the frozen Grouter run online, the routing cache written offline, a token-id hash
 table. `routing/provider.py` turns them into each micro-batch's routing.
 """
@@ -23,6 +24,8 @@ class HashTableSource:
     Gate weights are uniform here; the hybrid router replaces them with its trainable gate.
     """
 
+    on_host = True
+
     def __init__(self, table_VK: torch.Tensor):
         self.table_VK = table_VK.long()
 
@@ -38,12 +41,15 @@ class OnlineGrouterSource:
         self.online_routing = online_routing
 
     def topk_for(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        indices_BSK, weights_BSK = self.online_routing.route_positions(batch.token_positions_BS)
-        return indices_BSK.cpu(), weights_BSK.cpu()
+        """On the Grouter's device (no device→host sync; a planned dispatcher's count exchange or
+        an observer reads them to the host)."""
+        return self.online_routing.route_positions(batch.token_positions_BS)
 
 
 class CachedRoutingSource:
     """Rows of the routing cache for each token of the micro-batch."""
+
+    on_host = True
 
     def __init__(self, cache):
         self.cache = cache

@@ -50,19 +50,28 @@ class DocumentWindows:
         return starts, lengths
 
 
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array → device without blocking the host (page-locked on CUDA)."""
+    tensor = torch.from_numpy(array)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def route_windows(grouter, windows: DocumentWindows, starts: np.ndarray, lengths: np.ndarray,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Route windows: [n, window, k] expert ids (int64) and bf16-rounded weights (float32)."""
+                  device: torch.device, to_host: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route windows: [n, window, k] expert ids (int64) and bf16-rounded weights (float32), on the
+    host, or left on `device` (`to_host=False`: no device→host sync)."""
     count, width = len(starts), windows.window
     tokens_NW = np.zeros((count, width), dtype=np.int64)
     mask_NW = np.zeros((count, width), dtype=bool)
     for row, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist())):
         tokens_NW[row, :length] = windows.tokens[start:start + length]
         mask_NW[row, :length] = True
-    indices_NWK, weights_NWK = grouter.route(torch.from_numpy(tokens_NW).to(device),
-                                             torch.from_numpy(mask_NW).to(device))
-    return indices_NWK.long().cpu(), weights_NWK.to(torch.bfloat16).float().cpu()
+    indices_NWK, weights_NWK = grouter.route(_to_device(tokens_NW, device), _to_device(mask_NW, device))
+    indices_NWK, weights_NWK = indices_NWK.long(), weights_NWK.to(torch.bfloat16).float()
+    return (indices_NWK.cpu(), weights_NWK.cpu()) if to_host else (indices_NWK, weights_NWK)
 
 
 class OnlineGrouterRouting:
@@ -80,9 +89,10 @@ class OnlineGrouterRouting:
         unique_starts, inverse = np.unique(window_start, return_inverse=True)
         lengths = np.zeros(len(unique_starts), dtype=np.int64)
         lengths[inverse] = window_length
+        # the tokens' rows stay on the device: the routing goes to the layers from there
         indices_NWK, weights_NWK = route_windows(self.grouter, self.windows, unique_starts, lengths,
-                                                 self.device)
-        inverse_t, within_t = torch.from_numpy(inverse), torch.from_numpy(within)
+                                                 self.device, to_host=False)
+        inverse_t, within_t = _to_device(inverse, self.device), _to_device(within, self.device)
         indices_TK, weights_TK = indices_NWK[inverse_t, within_t], weights_NWK[inverse_t, within_t]
         shape = (*positions_BS.shape, indices_TK.shape[-1])
         return indices_TK.reshape(shape), weights_TK.reshape(shape)

@@ -30,6 +30,10 @@ class MicroBatch:
     # Preemptive routing of these tokens (routing.microbatch.MicroBatchRouting), attached before
     # the schedule runs and handed to the MoE layers by the forward step; None for learned routers.
     routing: object | None = None
+    # The routing as computed on the host (observers read it) once `routing` is on the device.
+    host_routing: object | None = None
+    # A CUDA event recorded after the batch's upload on a side stream (training/device_batches.py).
+    ready: object | None = None
 
     def to(self, device: torch.device) -> "MicroBatch":
         tensors = (self.tokens_BS, self.labels_BS, self.loss_mask_BS, self.position_ids_BS,
@@ -37,7 +41,8 @@ class MicroBatch:
         return MicroBatch(*(tensor.to(device, non_blocking=True) for tensor in tensors),
                           token_positions_BS=self.token_positions_BS,
                           micro_batch_index=self.micro_batch_index,
-                          routing=None if self.routing is None else self.routing.to(device, non_blocking=True))
+                          routing=None if self.routing is None else self.routing.to(device, non_blocking=True),
+                          host_routing=self.host_routing, ready=self.ready)
 
 
 def _as_tensor(value) -> torch.Tensor:

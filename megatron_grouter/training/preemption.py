@@ -19,6 +19,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from megatron_grouter.runtime.host_syncs import host_data
+
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # EX_TEMPFAIL from sysexits.h: "try again later". Add RequeueExit=75 to slurm.conf to have Slurm
 # requeue on it without a trap in the batch script.
@@ -28,8 +30,11 @@ PREEMPTED_EXIT_STATUS = 75
 class PreemptionWatch:
     """Catch SIGTERM/SIGUSR1 while installed (a context manager); ask `should_stop()` per step."""
 
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
+    def __init__(self, device: torch.device | str = "cpu", group=None):
+        """`group`: a gloo group for the flags (runtime.host_groups.host_twin): then the check
+        never waits for the GPU; without one the flags go through `device`."""
+        self.device = torch.device("cpu") if group is not None else torch.device(device)
+        self.group = group
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -62,8 +67,11 @@ class PreemptionWatch:
         flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32,
                             device=self.device)
         if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if self.device.type != "cpu":
+            return bool(flag.item())
+        with host_data():  # a gloo flag on the host
+            return bool(flag.item())
 
 
 def exit_status(summary: dict | None) -> int:

@@ -22,6 +22,7 @@ import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_grouter.training.batches import MicroBatch
+from megatron_grouter.training.device_batches import on_device
 
 
 def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
@@ -46,7 +47,7 @@ class ForwardStep:
         self.mask = causal_mask(seq_length, device)
 
     def __call__(self, data_iterator, model):
-        batch: MicroBatch = next(data_iterator).to(self.device)
+        batch: MicroBatch = on_device(next(data_iterator), self.device)
         with self.routing_context.serving(batch.routing):
             output = model(batch.tokens_BS, batch.position_ids_BS, self.mask, labels=batch.labels_BS)
         return output, functools.partial(masked_mean_loss, batch.loss_mask_BS)

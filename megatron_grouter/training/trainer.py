@@ -10,6 +10,7 @@ its global norm and steps with our warmup+cosine learning rate.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -25,6 +26,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_grouter.errors import UserError
 from megatron_grouter.routing.context import RoutingContext
+from megatron_grouter.runtime.host_syncs import host_data
 from megatron_grouter.runtime.distributed import ParallelLayout
 from megatron_grouter.training import checkpoint as ckpt
 from megatron_grouter.training.batches import SequentialSchedule, micro_batches
@@ -33,9 +35,13 @@ from megatron_grouter.training.init import layout_invariant_init
 from megatron_grouter.training.loggers import MetricsLogger
 from megatron_grouter.training.lr_schedule import learning_rate
 from megatron_grouter.training.model import build_model_chunks, moe_layer_pattern, moe_layers
-from megatron_grouter.training.moe_metrics import (collect_aux_losses, collect_layer_loads,
-                                                   collect_routing_entropy, expert_bias_metrics,
-                                                   expert_biases, summarise_loads)
+from megatron_grouter.training.device_batches import BatchUploader
+from megatron_grouter.training.moe_metrics import (aux_loss_sums, drain_meters, entropy_sums,
+                                                   expert_bias_sums, expert_biases, layer_load_sums,
+                                                   metric_device, summarise_aux_losses,
+                                                   summarise_entropy, summarise_expert_bias,
+                                                   summarise_loads, tracked_aux_loss_names)
+from megatron_grouter.training.step_statistics import StepStatistics
 from megatron_grouter.training.optimizer import (apply_schedule, build_optimizer,
                                                  optimizer_state_bytes)
 from megatron_grouter.training.step import ForwardStep, forward_backward
@@ -54,7 +60,10 @@ def wrap_for_training(chunks: list, config: RootConfig) -> list[DistributedDataP
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=parallel.overlap_grad_reduce,
         use_distributed_optimizer=parallel.distributed_optimizer,
-        overlap_param_gather=parallel.overlap_param_gather)
+        overlap_param_gather=parallel.overlap_param_gather,
+        # Megatron-LM's default: the schedule dispatches each chunk's param all-gather
+        # (param_sync_func) so pipeline stages gather in step with their first forward
+        align_param_gather=parallel.overlap_param_gather)
     wrapped = []
     for index, chunk in enumerate(chunks):
         module = Float16Module(chunk.config, chunk) if config.train.bf16 else chunk
@@ -75,6 +84,9 @@ def connect_schedule(chunks: list[DistributedDataParallel], optimizer, parallel)
             config.no_sync_func = no_sync[0] if len(chunks) == 1 else no_sync
             grad_sync = [model.start_grad_sync for model in chunks]
             config.grad_sync_func = grad_sync[0] if len(chunks) == 1 else grad_sync
+        if parallel.overlap_param_gather:
+            param_sync = [model.start_param_sync for model in chunks]
+            config.param_sync_func = param_sync[0] if len(chunks) == 1 else param_sync
 
 
 def log_moe_layers(layers: list) -> None:
@@ -131,6 +143,12 @@ class Trainer:
         log_moe_layers(self.moe_layers)
         self.moe_pattern = moe_layer_pattern(config.model)
         self.forward_step = ForwardStep(self.routing_context, layout.device, train.seq_length)
+        self.uploader = BatchUploader(layout.device)
+        self.prefetched: tuple[int, list] | None = None  # (step, its micro-batches on the device)
+        self.last_step = train.steps  # of this invocation (run() sets it)
+        self.statistics = StepStatistics(self.summarise_step, metric_device(),
+                                         parallel_state.get_tensor_model_parallel_rank())
+        self.aux_loss_names: list[str] | None = None  # what megatron's tracker holds, fixed per run
         self._training = False
         self.step = 0
         self.tokens_seen = 0
@@ -148,48 +166,107 @@ class Trainer:
             chunk.train(training)
 
     # ----------------------------------------------------------------- forward/backward
-    def train_step(self) -> dict:
+    def train_step(self) -> None:
+        """One optimizer step. Its statistics wait on the device in `self.statistics` until the
+        next flush: no host sync of ours in a step (megatron's optimizer returns the gradient
+        norm on the host)."""
         train = self.config.train
         self.set_mode(True)
         for chunk in self.model_chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        batches = self.micro_batches(self.train_dataset,
-                                     self.schedule.rank_sample_ids(self.step, self.dp_rank), training=True)
+        batches = self.step_batches(self.step)
+        if self.routing_provider is not None:
+            self.routing_provider.observe(batches, training=True)
         biases_before = expert_biases(self.moe_layers)
         loss_sum = forward_backward(self.forward_step, self.model_chunks, batches,
                                     train.seq_length, train.micro_batch_size, forward_only=False)
-        loss_value = self.global_mean(loss_sum, len(batches))
-        if not math.isfinite(loss_value):
-            last = ckpt.find_latest(self.checkpoint_root)
-            raise NonFiniteLoss(f"loss became {loss_value} at step {self.step + 1}; last good "
-                                f"checkpoint: {last or 'none'}; lower train.lr or resume from it")
+        if self.step + 1 < self.last_step:  # host work for the next step while the GPU runs this one
+            self.prefetched = (self.step + 1, self.prepare_batches(self.step + 1))
         lr = learning_rate(self.step, train.lr, train.min_lr, train.warmup_steps, train.steps)
         apply_schedule(self.optimizer, lr, train.weight_decay)
         _, grad_norm, _ = self.optimizer.step()
-        loads_LE = collect_layer_loads(self.moe_layers, self.moe_pattern,
-                                       self.config.model.num_experts)
-        stats = {"loss": loss_value, "lr": lr, "grad_norm": float(grad_norm or 0.0),
-                 **summarise_loads(loads_LE, train.global_batch_size * train.seq_length),
-                 **{f"moe/{name}": value for name, value
-                    in collect_aux_losses(self.num_microbatches,
-                                                          self.config.model.num_layers).items()}}
-        stats.update(collect_routing_entropy(self.moe_layers, self.moe_pattern))
-        stats.update(expert_bias_metrics(biases_before, self.moe_layers))
+        grad_norm = float(grad_norm or 0.0)
+        if not math.isfinite(grad_norm):
+            self.flush_statistics()  # names the step whose loss went non-finite, if it did
+            raise self.non_finite("gradient norm", grad_norm, self.step + 1)
+        if self.aux_loss_names is None:
+            self.aux_loss_names = tracked_aux_loss_names()
+        sums = {"loss": loss_sum.detach().reshape(1),
+                "loads": layer_load_sums(self.moe_layers, self.moe_pattern, self.config.model.num_experts),
+                "aux_losses": aux_loss_sums(self.aux_loss_names, self.config.model.num_layers),
+                "entropy": entropy_sums(self.moe_layers, self.moe_pattern),
+                "expert_bias": expert_bias_sums(biases_before, self.moe_layers)}
+        copies = ["loss", "expert_bias"]  # the same on every tensor-parallel rank
+        host = {"lr": lr, "grad_norm": grad_norm,
+                "tokens": self.tokens_seen + train.global_batch_size * train.seq_length}
         if self.step == 0:  # Adam state exists after the first update; its size never changes
-            stats["optimizer/state_bytes_rank0"] = optimizer_state_bytes(self.optimizer)
+            host["optimizer/state_bytes_rank0"] = optimizer_state_bytes(self.optimizer)
         for hook in self.hooks:
-            stats.update(hook.step_metrics(self) or {})
+            if hasattr(hook, "step_sums"):
+                sums.update(hook.step_sums())
+                copies += hook.tensor_parallel_copies
+            if hasattr(hook, "step_metrics"):
+                host.update(hook.step_metrics(self) or {})
         if self.routing_provider is not None:
-            stats.update(self.routing_provider.step_metrics(self))
-        return stats
+            host.update(self.routing_provider.step_metrics(self))
+        self.statistics.add(self.step + 1, host, sums, tuple(copies))
 
-    def micro_batches(self, dataset, sample_ids: list[int], training: bool) -> list:
-        """This rank's micro-batches of `sample_ids`, each carrying its routing (preemptive routers)."""
-        batches = micro_batches(dataset, sample_ids, self.config.train.micro_batch_size)
+    def summarise_step(self, sums: dict[str, torch.Tensor]) -> dict:
+        """A step's metrics from its sums over all ranks (StepStatistics calls it at a flush)."""
+        train = self.config.train
+        metrics = {"loss": float(sums["loss"][0]) / (self.num_microbatches * self.dp_size)}
+        metrics.update(summarise_loads(sums["loads"], train.global_batch_size * train.seq_length))
+        metrics.update(summarise_aux_losses(self.aux_loss_names, sums["aux_losses"], self.dp_size,
+                                            self.num_microbatches))
+        entropy_name = self.moe_layers[0].router.load_meter.entropy_metric if self.moe_layers else "subset_entropy"
+        metrics.update(summarise_entropy(entropy_name, sums["entropy"]))
+        metrics.update(summarise_expert_bias(sums["expert_bias"]))
+        for hook in self.hooks:
+            if hasattr(hook, "summarise_sums"):
+                metrics.update(hook.summarise_sums(sums))
+        return metrics
+
+    def non_finite(self, what: str, value: float, step: int) -> NonFiniteLoss:
+        last = ckpt.find_latest(self.checkpoint_root)
+        return NonFiniteLoss(f"{what} became {value} at step {step}; last good checkpoint: "
+                             f"{last or 'none'}; lower train.lr or resume from it")
+
+    def flush_statistics(self, window: tuple[float, int] | None = None) -> dict:
+        """Write every kept step's metrics (one all-reduce, one device→host copy); the last
+        step's metrics, or {} when none were kept. `window` (start time, tokens trained since):
+        the last step also gets the window's tokens/s, timed after the flush waited for the
+        device. Refuses a non-finite loss, naming its step."""
+        records = self.statistics.flush()
+        tokens_per_s = None if window is None else window[1] / max(time.perf_counter() - window[0], 1e-9)
+        for step, metrics in records:
+            if not math.isfinite(metrics["loss"]):
+                raise self.non_finite("loss", metrics["loss"], step)
+            if tokens_per_s is not None and step == records[-1][0]:
+                metrics["tokens_per_s"] = tokens_per_s
+            self.metrics.log(step, metrics)
+        return records[-1][1] if records else {}
+
+    def micro_batches(self, dataset, sample_ids: list[int], training: bool, step: int | None = None) -> list:
+        """This rank's micro-batches of `sample_ids` (for training step `step`, default the current
+        one) on the device, each carrying its routing (preemptive routers)."""
+        with host_data():  # token ids from the dataset
+            batches = micro_batches(dataset, sample_ids, self.config.train.micro_batch_size)
         if self.routing_provider is not None:
-            self.routing_provider.attach(batches, self.step, training)
-        return batches
+            with host_data() if self.routing_provider.routes_on_host else contextlib.nullcontext():
+                self.routing_provider.attach(batches, self.step if step is None else step, training)
+        return self.uploader.upload(batches)
+
+    def prepare_batches(self, step: int) -> list:
+        return self.micro_batches(self.train_dataset, self.schedule.rank_sample_ids(step, self.dp_rank),
+                                  training=True, step=step)
+
+    def step_batches(self, step: int) -> list:
+        """The micro-batches of `step`: prefetched during the previous step, or made now."""
+        prefetched, self.prefetched = self.prefetched, None
+        if prefetched is not None and prefetched[0] == step:
+            return prefetched[1]
+        return self.prepare_batches(step)
 
     def global_mean(self, loss_sum: torch.Tensor, num_batches: int) -> float:
         """Mean micro-batch loss over the global batch: the last pipeline stage holds the sum
@@ -210,13 +287,12 @@ class Trainer:
             batches = self.micro_batches(self.valid_dataset,
                                          self.valid_schedule.rank_sample_ids(index, self.dp_rank),
                                          training=False)
+            if self.routing_provider is not None:
+                self.routing_provider.observe(batches, training=False)
             total += forward_backward(self.forward_step, self.model_chunks, batches,
                                       train.seq_length, train.micro_batch_size,
                                       forward_only=True).double()
-        for layer in self.moe_layers:  # evaluation traffic is not training load
-            layer.router.load_meter.take()
-            layer.router.load_meter.take_entropy()
-        collect_aux_losses(1, self.config.model.num_layers)
+        drain_meters(self.moe_layers)  # evaluation traffic is not training load
         return self.global_mean(total, train.eval_iters * self.num_microbatches)
 
     # ----------------------------------------------------------------- checkpoints
@@ -270,32 +346,37 @@ class Trainer:
             summary["val_loss"] = self.evaluate()
             self.log_eval(summary["val_loss"])
         window_start, window_tokens = time.perf_counter(), 0
-        # Preemption (SIGTERM/SIGUSR1): checkpoint at the next step boundary, then stop.
+        # Preemption (SIGTERM/SIGUSR1): checkpoint at the next step boundary, then stop. The
+        # ranks agree over a gloo group, so the check never waits for the GPU.
+        from megatron_grouter.runtime.host_groups import host_twin
         from megatron_grouter.training.preemption import PreemptionWatch
-        preemption = PreemptionWatch(self.layout.device)
+        preemption = PreemptionWatch(self.layout.device, group=host_twin())
         preemption.install()
+        self.last_step = last_step
         while self.step < last_step:
-            stats = self.train_step()
+            self.train_step()
             self.step += 1
             self.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
-            elapsed = time.perf_counter() - window_start
-            stats["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
-            stats["tokens"] = self.tokens_seen
-            self.metrics.log(self.step, stats)
-            if self.step % train.log_interval == 0 or self.step == last_step:
+            evaluate_now = train.eval_interval > 0 and (self.step % train.eval_interval == 0
+                                                        or self.step == train.steps)
+            save_now = train.save_interval > 0 and self.step % train.save_interval == 0
+            stop = self.step < last_step and preemption.should_stop()  # all ranks agree (MAX)
+            if (self.step % train.log_interval == 0 or self.step == last_step or evaluate_now
+                    or save_now or stop):
+                # the one sync of the window; its time is the window's device time too
+                stats = self.flush_statistics((window_start, window_tokens))
+                summary.update(loss=stats["loss"])
                 self.log_progress(stats, last_step)
                 window_start, window_tokens = time.perf_counter(), 0
-            if train.eval_interval > 0 and (self.step % train.eval_interval == 0
-                                            or self.step == train.steps):
+            if evaluate_now:
                 self.sync_params()
                 summary["val_loss"] = self.evaluate()
                 self.log_eval(summary["val_loss"])
-            if train.save_interval > 0 and self.step % train.save_interval == 0:
+            if save_now:
                 self.save()
-            summary.update(loss=stats["loss"])
-            if self.step < last_step and preemption.should_stop():  # all ranks agree (MAX)
-                if not (train.save_interval > 0 and self.step % train.save_interval == 0):
+            if stop:
+                if not save_now:
                     self.save()
                 log.info("preempted: checkpointed step %d, stopping for a requeue", self.step)
                 summary["preempted"] = True

@@ -196,7 +196,8 @@ def test_plan_tool_refuses_bad_input_in_one_line(setup, stdlib_data, tmp_path):
 def test_offline_plans_train_bit_identically_to_the_count_exchange_without_collectives(setup, tmp_path):
     """Offline book vs one all-gather of the counts per step: the same plans, so the same
     losses bit for bit; inside MoE layers only the token all-to-alls, before them none (book) or
-    one per step for all its micro-batches (exchange)."""
+    one per step for all its micro-batches (exchange). The trainer makes step i+1's micro-batches
+    during step i: step 0 plans itself and step 1, the last step plans nothing."""
     bare = tmp_path / "bare"  # the plan without its book: counts are exchanged
     bare.mkdir()
     shutil.copy(setup["root"] / "plan.npz", bare / "plan.npz")
@@ -210,11 +211,13 @@ def test_offline_plans_train_bit_identically_to_the_count_exchange_without_colle
     for name, ranks in runs.items():
         for steps in ranks:
             assert sorted(steps) == [str(step) for step in range(STEPS)]
-            for regions in steps.values():
+            planning = []
+            for step in range(STEPS):
+                regions = steps[str(step)]
                 moe = regions.get("moe", {})
                 assert set(moe) == {"all_to_all_single"} and moe["all_to_all_single"] > 0  # tokens only
-                planning = sum(regions.get("plan", {}).values())
-                assert planning == (0 if name == "book" else 1)
+                planning.append(sum(regions.get("plan", {}).values()))
+            assert planning == ([0] * STEPS if name == "book" else [2] + [1] * (STEPS - 2) + [0])
 
 
 def test_book_for_another_layout_is_refused(setup):
@@ -261,6 +264,6 @@ def test_offline_plans_on_four_ranks_two_ep_groups(setup, tmp_path):
         counting_run(4, train_overrides(setup, tmp_path / name, plan=plan, extra=layout))
     assert train_losses(tmp_path / "book") == train_losses(tmp_path / "exchange")
     assert len(train_losses(tmp_path / "book")) == 2
-    for name, expected in (("book", 0), ("exchange", 1)):
+    for name, expected in (("book", [0, 0]), ("exchange", [2, 0])):  # step 0 plans steps 0 and 1
         for steps in collectives(tmp_path / name, 4):
-            assert all(sum(regions.get("plan", {}).values()) == expected for regions in steps.values())
+            assert [sum(steps[str(step)].get("plan", {}).values()) for step in range(2)] == expected
