@@ -32,16 +32,39 @@ def reproduce(cfg: DictConfig) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "config.json", OmegaConf.to_container(cfg, resolve=True))
     started = time.perf_counter()
-    print(f"== mg-reproduce experiment={cfg.name} → {out_dir} (launcher {cfg.launcher})", flush=True)
-    results = Pipeline(cfg).run()
     preset = {"name": cfg.name, "note": cfg.get("note", ""), "notes": list(cfg.get("notes") or []),
               "seeds": list(cfg.seeds), "first_seed_only": list(cfg.first_seed_only),
               "headline": OmegaConf.to_container(cfg.headline, resolve=True) if cfg.get("headline") else {},
-              "corpus": corpus_description(cfg.data),
-              "minutes": round((time.perf_counter() - started) / 60, 1)}
+              "corpus": corpus_description(cfg.data)}
+    if cfg.get("report_only"):
+        return report_from_finished(cfg, out_dir, preset)
+    print(f"== mg-reproduce experiment={cfg.name} → {out_dir} (launcher {cfg.launcher})", flush=True)
+    results = Pipeline(cfg).run()
+    preset["minutes"] = round((time.perf_counter() - started) / 60, 1)
     report = write_report(out_dir, {(run.router, run.seed): run.directory for run in results.runs},
                           results.summaries, results.stability_file, preset)
     print(f"== done in {preset['minutes']:.1f} min: {report}", flush=True)
+    return report
+
+
+def report_from_finished(cfg: DictConfig, out_dir: Path, preset: dict) -> Path:
+    """report_only=true: the report of the stages already finished in out_dir (nothing is run); it
+    names the preset's target runs that are missing."""
+    from megatron_grouter.errors import UserError
+    from megatron_grouter.reproduce.finished import finished_stages, missing_runs
+    from megatron_grouter.reproduce.report import write_report
+
+    summaries, runs = finished_stages(out_dir)
+    routers, seeds = [str(router) for router in cfg.target.routers], [int(seed) for seed in cfg.seeds]
+    runs = {key: path for key, path in runs.items() if key[0] in routers and key[1] in seeds}
+    if not runs:
+        raise UserError(f"{out_dir} has no finished target run of this preset; run mg-reproduce without "
+                        "report_only first")
+    preset["missing_runs"] = missing_runs(runs, routers, seeds)
+    stability = summaries.get("stability", {}).get("file")
+    report = write_report(out_dir, runs, summaries, Path(stability) if stability else None, preset)
+    print(f"== report of the finished stages ({len(runs)} target runs, {len(preset['missing_runs'])} missing): "
+          f"{report}", flush=True)
     return report
 
 

@@ -266,6 +266,11 @@ def render(preset: dict, spec: HeadlineSpec, top: dict, per_seed: dict, rows: di
     lines += [f"Written by `mg-reproduce experiment={preset.get('name')}`. {preset.get('note', '')}".strip(), ""]
     if preset.get("corpus"):
         lines += [f"Corpus: {preset['corpus']}.", ""]
+    if preset.get("missing_runs"):
+        missing = preset["missing_runs"]
+        lines += [f"**Partial report** (written from the finished stages, `report_only=true`): {len(missing)} of the "
+                  f"preset's target runs have not run yet: {', '.join(missing)}. Finish them with "
+                  f"`mg-reproduce experiment={preset.get('name')}` (finished stages are skipped).", ""]
     if preset.get("minutes") is not None:
         lines += [f"This invocation took {preset['minutes']:.1f} minutes of wall time (stages it found finished were "
                   "skipped; per-stage seconds are listed under Pipeline).", ""]

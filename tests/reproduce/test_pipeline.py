@@ -145,3 +145,18 @@ def test_adding_a_learned_router_probes_only_the_new_run(micro_experiment, micro
     stability = json.loads((out_dir / "summary.json").read_text())["stability"]
     assert set(stability) == {"target-aux_loss-s1", "target-z_loss-s1"}
     assert stability["target-z_loss-s1"]["steps"] and len(stability["target-z_loss-s1"]["unchanged_LT"]) == 2
+
+
+def test_report_only_writes_the_finished_runs_and_names_the_missing(micro_experiment, micro_corpus, tmp_path):
+    import shutil
+
+    out_dir, _ = micro_experiment
+    copy = tmp_path / "partial"
+    shutil.copytree(out_dir, copy)
+    (copy / "stages" / "target-grouter_tuned-s2" / "done.json").unlink()  # as if stopped by a deadline
+    report = reproduce_in_process([*micro_overrides(copy, micro_corpus, ROUTERS, [1, 2]), "report_only=true"])
+    text = report.read_text()
+    assert "**Partial report**" in text and "grouter_tuned-s2" in text.split("have not run yet:")[1].split(".")[0]
+    summary = json.loads((copy / "summary.json").read_text())
+    assert summary["headline"]["seeds"] == [1]  # only the finished seed counts
+    assert "grouter_tuned-s2" not in summary["runs"] and "aux_loss-s2" in summary["runs"]
