@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from megatron_grouter.dispatch.plan_book import DispatchPlanBook, book_key, book_path
 from megatron_grouter.dispatch.planner import DispatchPlanner
+from megatron_grouter.runtime.host_groups import host_twin
 
 log = logging.getLogger("megatron_grouter")
 
@@ -50,7 +53,8 @@ def build_dispatch_planner(root, trainer, rule, training_plan=None) -> DispatchP
     log.info("planned dispatcher: all-to-all splits planned on the host from %s routing%s",
              root.router.name, " (verified in every layer and across ranks)" if root.parallel.verify_dispatch_plan else "")
     sequence_parallel = root.parallel.sequence_parallel and root.parallel.tensor > 1
-    return DispatchPlanner(parallel_state.get_expert_model_parallel_group(), trainer.layout.device,
+    # counts are host data: exchanged over a gloo twin of the EP group, never through the GPU
+    return DispatchPlanner(host_twin(parallel_state.get_expert_model_parallel_group()), torch.device("cpu"),
                            replica=trainer.dp_rank // root.parallel.expert, book=book,
                            verify=root.parallel.verify_dispatch_plan,
                            sequence_shards=root.parallel.tensor if sequence_parallel else 1,

@@ -34,6 +34,9 @@ class Grouter(nn.Module):
         self.score = nn.Linear(config.hidden_size, config.num_experts, bias=config.score_bias,
                                dtype=torch.float32)
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        # False where the caller checked the ids on the host (routing/windows.py): the check of
+        # device ids reads them back to the host (a sync per call)
+        self.check_token_ids = True
         self._init_weights()
 
     @torch.no_grad()
@@ -63,7 +66,7 @@ class Grouter(nn.Module):
         if seq > self.config.max_seq_length:
             raise UserError(f"sequence of {seq} tokens exceeds the Grouter's max_seq_length="
                             f"{self.config.max_seq_length}; route it in windows of at most that length")
-        if input_ids_BS.numel():
+        if self.check_token_ids and input_ids_BS.numel():
             low, high = torch.stack((input_ids_BS.min(), input_ids_BS.max())).tolist()  # one sync
             if low < 0 or high >= self.config.vocab_size:
                 raise UserError(f"token ids range over [{low}, {high}] but the Grouter's vocab_size is "

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from megatron_grouter.data.sample_tokens import PAD
+from megatron_grouter.errors import UserError
 
 
 class DocumentWindows:
@@ -69,7 +70,15 @@ def route_windows(grouter, windows: DocumentWindows, starts: np.ndarray, lengths
     for row, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist())):
         tokens_NW[row, :length] = windows.tokens[start:start + length]
         mask_NW[row, :length] = True
-    indices_NWK, weights_NWK = grouter.route(_to_device(tokens_NW, device), _to_device(mask_NW, device))
+    high = int(tokens_NW.max(initial=0))
+    if high >= grouter.config.vocab_size:  # checked on the host, before the upload
+        raise UserError(f"token ids reach {high} but the Grouter's vocab_size is {grouter.config.vocab_size}; "
+                        "tokenize with the Grouter's tokenizer")
+    checks, grouter.check_token_ids = grouter.check_token_ids, False
+    try:
+        indices_NWK, weights_NWK = grouter.route(_to_device(tokens_NW, device), _to_device(mask_NW, device))
+    finally:
+        grouter.check_token_ids = checks
     indices_NWK, weights_NWK = indices_NWK.long(), weights_NWK.to(torch.bfloat16).float()
     return (indices_NWK.cpu(), weights_NWK.cpu()) if to_host else (indices_NWK, weights_NWK)
 

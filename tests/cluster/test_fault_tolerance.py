@@ -1,14 +1,16 @@
 """Crashes do not lose training: torchrun restarts killed ranks from the newest complete checkpoint,
 and a process killed in the middle of writing a checkpoint never leaves resume a broken one.
 
-Each run logs every step to metrics.jsonl, including steps that a restart runs again; a rerun step
-must reproduce the loss of its first run (resume restores model, optimizer, rng and data position).
+A restart runs the steps after the newest checkpoint again and replaces their metrics records; the
+finished run must hold every step once, with the losses of an uninterrupted run of the same job
+(resume restores model, optimizer, rng and data position).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from megatron_grouter.training import checkpoint as ckpt
-from tests.train_runs import MICRO_MODEL, data_overrides, read_metrics
+from tests.train_runs import MICRO_MODEL, data_overrides, read_metrics, torchrun
 
 pytestmark = pytest.mark.cluster
 
@@ -79,17 +81,21 @@ def logged_steps(out_dir: Path) -> list[tuple[int, float]]:
         return []
 
 
-def assert_reruns_reproduce(out_dir: Path, steps: int) -> int:
-    """Every step is logged, the last is `steps`, a rerun step repeats its loss; returns #reruns."""
-    first_loss: dict[int, float] = {}
-    reruns = 0
-    for step, loss in logged_steps(out_dir):
-        if step in first_loss:
-            reruns += 1
-            assert loss == pytest.approx(first_loss[step], rel=1e-6, abs=1e-6), f"rerun of step {step}"
-        first_loss[step] = loss
-    assert sorted(first_loss) == list(range(1, steps + 1))
-    return reruns
+def resumes(log_path: Path) -> list[int]:
+    """The steps the run's restarts resumed from, in order (from the trainer's log lines)."""
+    return [int(match) for match in re.findall(r"resumed from \S+ at step (\d+)", log_path.read_text(errors="replace"))]
+
+
+def assert_matches_uninterrupted(out_dir: Path, overrides: list[str], nproc: int, steps: int, tmp_path: Path) -> None:
+    """Every step logged once, each loss that of the same job run without interruption."""
+    logged = logged_steps(out_dir)
+    assert [step for step, _ in logged] == list(range(1, steps + 1))
+    straight = tmp_path / "straight"
+    torchrun(nproc, [item if not item.startswith("train.out_dir=") else f"train.out_dir={straight}"
+                     for item in overrides], timeout=RUN_TIMEOUT_S)
+    expected = dict(logged_steps(straight))
+    for step, loss in logged:
+        assert loss == pytest.approx(expected[step], rel=1e-6, abs=1e-6), f"step {step} after a restart"
 
 
 def finish(process: subprocess.Popen, log_path: Path) -> None:
@@ -117,11 +123,9 @@ def test_torchrun_restarts_a_killed_rank_from_the_latest_checkpoint(stdlib_data,
     finally:
         finish(process, tmp_path / "torchrun.log")
 
-    reruns = assert_reruns_reproduce(out_dir, steps)
-    assert reruns >= 1, "the restarted workers should have rerun the steps after the last checkpoint"
-    logged = [step for step, _ in logged_steps(out_dir)]
-    resumed_at = next(step for previous, step in zip(logged, logged[1:]) if step <= previous) - 1
+    (resumed_at,) = resumes(tmp_path / "torchrun.log")  # the restarted workers resumed once
     assert resumed_at % save_interval == 0 and resumed_at <= killed_after
+    assert_matches_uninterrupted(out_dir, overrides, 2, steps, tmp_path)
     assert ckpt.find_latest(out_dir / "checkpoints").name == f"step_{steps:07d}"
 
 
@@ -169,5 +173,6 @@ def test_kill_during_checkpoint_write_never_breaks_resume(stdlib_data, tmp_path:
 
     assert killed_mid_write >= 1, "no kill landed inside a checkpoint write"
     # A write killed at step k leaves step k-1 as the newest checkpoint, so step k runs again.
-    assert assert_reruns_reproduce(out_dir, steps) >= killed_mid_write
+    assert len(resumes(tmp_path / "torchrun.log")) >= killed_mid_write
+    assert_matches_uninterrupted(out_dir, overrides, 1, steps, tmp_path)
     assert ckpt.find_latest(checkpoints).name == f"step_{steps:07d}"

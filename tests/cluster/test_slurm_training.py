@@ -32,6 +32,7 @@ def training_overrides(data: dict, out_dir: Path, *extra: str) -> list[str]:
     """The shared tiny ep2 job (a checkpoint only at the end, or when preempted)."""
     return [*data_overrides(data), *MICRO_MODEL, f"train.steps={STEPS}", "train.warmup_steps=2",
             "train.eval_interval=0", "train.save_interval=0", "parallel=ep2",
+            "train.log_interval=1",  # metrics.jsonl gets each step as it ends (the tests wait for one)
             f"train.out_dir={out_dir}", *extra]
 
 
