@@ -79,8 +79,9 @@ def write_report(out_dir: Path, runs: dict[tuple[str, int], Path], summaries: di
                 for seed in seeds}
     rows = {f"{router}-s{seed}": run_row(run) for (router, seed), run in sorted(loaded.items())}
     finals = {key: float(run.val_loss[-1]) for key, run in loaded.items()}
-    top = headline(per_seed, finals, spec)
-    top["learned_only"] = headline(per_seed, finals, spec, "comparisons_learned")
+    expected = [int(seed) for seed in preset.get("seeds") or seeds]
+    top = headline(per_seed, finals, spec, expected_seeds=expected)
+    top["learned_only"] = headline(per_seed, finals, spec, "comparisons_learned", expected_seeds=expected)
     top["controls"] = controls(per_seed, finals, spec, CONTROLS)
     top["sees_future_tokens"] = any(rows.get(f"{spec.router}-s{seed}", {}).get("sees_future_tokens")
                                     for seed in top["seeds"])
@@ -176,8 +177,10 @@ def headline_lines(spec: HeadlineSpec, top: dict, per_seed: dict) -> list[str]:
         return lines + [f"- `{spec.router}` has no run: no headline.", ""]
     pair = top["paired_final_loss"]
     lines += [f"- **`{spec.router}` against the best baseline of all: {ratios(top)}; mean "
-              f"{_pm(top['mean'], top['std'])}× over {len(top['seeds'])} seeds. Bar ≥ {spec.bar}× on every seed: "
-              f"{top['verdict']}.**",
+              f"{_pm(top['mean'], top['std'])}× over {len(top['seeds'])} seed(s). Bar ≥ {spec.bar}× on every seed: "
+              f"{top['verdict']}"
+              + (f" (seeds not complete: {', '.join(map(str, top['incomplete_seeds']))})" if top["incomplete_seeds"] else "")
+              + ".**",
               f"- Paired per seed (same data order and initialisation), final validation loss `{spec.router}` − rival: "
               + ", ".join(f"{value:+.4f}" for value in pair["differences"])
               + f"; mean {_pm(pair['mean'], pair['std'], '{:+.4f}')}"
@@ -203,7 +206,9 @@ def headline_lines(spec: HeadlineSpec, top: dict, per_seed: dict) -> list[str]:
                      "headline needs for its spread.")
     lines.append("- Baselines on each seed: " + "; ".join(
         f"seed {seed}: {', '.join(record['baselines'])} (best: {record['best_baseline']}; best learned: "
-        f"{record['best_learned_baseline']})" for seed, record in per_seed.items()) + ".")
+        f"{record['best_learned_baseline']}"
+        + (f"; not trained yet: {', '.join(record['missing_baselines'])}" if record.get("missing_baselines") else "")
+        + ")" for seed, record in per_seed.items()) + ".")
     return lines + ["", CROSSING_RULE, ""]
 
 

@@ -86,10 +86,12 @@ def spread(values: list[float | None]) -> dict:
 
 
 def headline(per_seed: dict[int, dict], finals: dict[tuple[str, int], float], spec: HeadlineSpec,
-             against: str = "comparisons") -> dict:
+             against: str = "comparisons", expected_seeds: list[int] | None = None) -> dict:
     """The verdict of `spec.router` against each seed's best (headline) baseline, or with
     against="comparisons_learned" the best learned one: per-seed efficiency, its spread, the paired
-    final-loss differences, and "met"/"missed" for the bar on every seed."""
+    final-loss differences, and the verdict on the bar: "missed" as soon as one complete seed misses
+    it, "met" when every expected seed is complete (all headline baselines trained) and meets it,
+    else "not measured yet" (seeds or baselines still missing)."""
     reference = "best_baseline" if against == "comparisons" else "best_learned_baseline"
     seeds, ratios, ahead, rivals, differences = [], [], [], [], []
     for seed, record in per_seed.items():
@@ -103,11 +105,14 @@ def headline(per_seed: dict[int, dict], finals: dict[tuple[str, int], float], sp
         ahead.append(comparison["gap"]["ahead_everywhere"])
         differences.append(finals[(spec.router, seed)] - finals[(rival, seed)])
     stats = spread(ratios)
-    met = bool(seeds) and stats["all_reached"] and stats["min"] >= spec.bar
+    complete = [seed for seed in seeds if not per_seed[seed].get("missing_baselines")]
+    incomplete = sorted(set(expected_seeds or seeds) - set(complete))
+    missed = any(ratio is None or ratio < spec.bar for seed, ratio in zip(seeds, ratios) if seed in complete)
+    verdict = "missed" if missed else "not measured yet" if incomplete or not seeds else "met"
     return {"router": spec.router, "bar": spec.bar, "seeds": seeds, "rivals": rivals, "ratios": ratios,
             **stats, "paired_final_loss": paired(differences),
             "ahead_everywhere_all_seeds": bool(ahead) and all(ahead),
-            "verdict": "met" if met else "missed"}
+            "complete_seeds": complete, "incomplete_seeds": incomplete, "verdict": verdict}
 
 
 def controls(per_seed: dict[int, dict], finals: dict[tuple[str, int], float], spec: HeadlineSpec,

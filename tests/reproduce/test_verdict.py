@@ -103,3 +103,22 @@ def test_paired_statistics():
     assert stats["mean"] == pytest.approx(-0.2) and stats["std"] == pytest.approx(0.1)
     assert stats["t"] == pytest.approx(-0.2 / (0.1 / np.sqrt(3)))
     assert stats["negative"] == 3 and paired([0.5])["std"] is None
+
+
+def test_verdict_waits_for_every_registered_seed_and_baseline(tmp_path):
+    spec = HeadlineSpec.from_preset({"headline": {"router": "grouter_tuned", "baselines": ["aux_loss", "hash"],
+                                                  "bar": 1.05}})
+    runs = seed_runs(tmp_path / "1", tuned_final=4.05)
+    finals = {(name, 1): float(run.val_loss[-1]) for name, run in runs.items()}
+    complete = compare_seed(runs, spec.baselines)
+    assert headline({1: complete}, finals, spec)["verdict"] == "met"
+    # Seeds 2 and 3 of the preset have not run: not a verdict yet.
+    pending = headline({1: complete}, finals, spec, expected_seeds=[1, 2, 3])
+    assert pending["verdict"] == "not measured yet" and pending["incomplete_seeds"] == [2, 3]
+    # A seed whose registered hash run is missing is not complete either ...
+    partial = compare_seed({name: run for name, run in runs.items() if name != "hash"}, spec.baselines)
+    assert partial["missing_baselines"] == ["hash"]
+    assert headline({1: partial}, finals, spec)["verdict"] == "not measured yet"
+    # ... but one complete seed below the bar settles it: missed.
+    strict = HeadlineSpec(router="grouter_tuned", baselines=("aux_loss", "hash"), bar=1.3)
+    assert headline({1: complete}, finals, strict, expected_seeds=[1, 2, 3])["verdict"] == "missed"
