@@ -23,12 +23,14 @@ log = logging.getLogger("megatron_grouter")
 
 def _open_routing_cache(cfg: DictConfig):
     from megatron_grouter.data.routing_cache import open_cache
-    from megatron_grouter.grouter.checkpoint import grouter_fingerprint
+    from megatron_grouter.grouter.checkpoint import grouter_fingerprint, load_grouter
     from megatron_grouter.routing.setup import default_cache_dir
 
     fingerprint = grouter_fingerprint(cfg.grouter)
     cache_dir = cfg.cache or str(default_cache_dir(cfg.data.prefix, fingerprint))
-    return open_cache(cache_dir, cfg.data.prefix, grouter_fingerprint=fingerprint)
+    # with the Grouter, the cache's rows are spot-checked against it (a relabelled manifest)
+    return open_cache(cache_dir, cfg.data.prefix, grouter_fingerprint=fingerprint,
+                      grouter=load_grouter(cfg.grouter)[0])
 
 
 def _training_dataset(cfg: DictConfig):

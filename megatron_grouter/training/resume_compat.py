@@ -24,6 +24,15 @@ LAYOUT_FIELDS = ("tensor_parallel", "pipeline_parallel", "expert_parallel")
 PARALLEL_FIELDS = ("virtual_pipeline", "expert_tensor")  # (config.parallel; None: the default)
 
 
+def _effective(parallel: dict, name: str):
+    """The value a run uses: an unset expert_tensor is the tensor-parallel size (and an unset
+    virtual_pipeline no interleaving), so unset and its default compare equal."""
+    value = parallel.get(name)
+    if name == "expert_tensor" and value is None:
+        return parallel.get("tensor", 1)
+    return value
+
+
 def shape_differences(saved: dict, current: dict) -> list[str]:
     """`field saved→current` for every shape field that differs (fields one side lacks are skipped:
     a checkpoint from before the field existed)."""
@@ -41,8 +50,10 @@ def shape_differences(saved: dict, current: dict) -> list[str]:
     saved_parallel = (saved.get("config") or {}).get("parallel") or {}
     current_parallel = (current.get("config") or {}).get("parallel") or {}
     for name in PARALLEL_FIELDS:
-        if name in saved_parallel and name in current_parallel and saved_parallel[name] != current_parallel[name]:
-            differences.append(f"parallel.{name} {saved_parallel[name]}→{current_parallel[name]}")
+        if name in saved_parallel and name in current_parallel:
+            before, after = _effective(saved_parallel, name), _effective(current_parallel, name)
+            if before != after:
+                differences.append(f"parallel.{name} {before}→{after}")
     return differences
 
 
