@@ -114,7 +114,8 @@ def render(result: dict, args) -> int:
     lines = ep_cluster_stage.table_lines(result)
     rate = result["settings"]["rate_mbit"]
     if rate is not None:
-        calibration = ep_cluster_model.calibrate(result["summary"], rate, result["settings"]["hidden_size"])
+        calibration = ep_cluster_model.calibrate(result["summary"], rate, result["settings"]["hidden_size"],
+                                                 result["settings"]["num_layers"])
         lines += ["", *ep_cluster_model.calibration_lines(calibration)]
     if result.get("scale"):
         lines += ["", *ep_cluster_model.scale_lines(result["scale"], args.tokens_per_rank)]

@@ -38,7 +38,8 @@ def emulated_topology(rate_mbit: float, hidden_size: int, row_bytes: int, latenc
                     hidden_size=hidden_size, bytes_per_element=max(1, row_bytes // hidden_size))
 
 
-def fit_latency_us(sends_RR: np.ndarray, measured_layer_s: float, topology: Topology) -> float:
+def fit_latency_us(sends_RR: np.ndarray, measured_layer_s: float, topology: Topology,
+                   calls_per_layer: float = ALLTOALLS_PER_LAYER) -> float:
     """α (µs per message) that makes the model's slowest rank match `measured_layer_s` for this
     matrix; 0 when the bandwidth terms alone already exceed the measurement."""
     terms = rank_terms(sends_RR, replace(topology, latency_us=0.0))
@@ -47,29 +48,42 @@ def fit_latency_us(sends_RR: np.ndarray, measured_layer_s: float, topology: Topo
     np.fill_diagonal(sends, 0.0)
     peers_R = ((sends > 0) | (sends.T > 0)).sum(1)
     slowest = int(bandwidth_R.argmax())
-    spare_s = measured_layer_s / ALLTOALLS_PER_LAYER - float(bandwidth_R[slowest])
-    return max(0.0, spare_s / max(int(peers_R[slowest]), 1) * 1e6)
+    spare_s = measured_layer_s - ALLTOALLS_PER_LAYER * float(bandwidth_R[slowest])
+    return max(0.0, spare_s / calls_per_layer / max(int(peers_R[slowest]), 1) * 1e6)
 
 
-def calibrate(summary: dict, rate_mbit: float, hidden_size: int) -> dict:
+def layer_seconds(sends_RR: np.ndarray, topology: Topology, figures: dict, num_layers: int) -> float:
+    """Model time of one MoE layer's token all-to-alls: the 4 of hidden rows, plus any further
+    calls per layer the run made (megatron's and the planned dispatcher's forward all-to-all of the
+    routing probabilities: one fp32 per row, so latency-bound)."""
+    hidden = ALLTOALLS_PER_LAYER * alltoall_seconds(sends_RR, topology)
+    extra = max(0.0, figures.get("alltoall_calls_per_step", 0) / num_layers - ALLTOALLS_PER_LAYER)
+    probs = replace(topology, hidden_size=1, bytes_per_element=4)
+    return hidden + extra * alltoall_seconds(sends_RR, probs)
+
+
+def calibrate(summary: dict, rate_mbit: float, hidden_size: int, num_layers: int) -> dict:
     """Predicted vs measured all-to-all seconds per MoE layer, α = 0 and α fitted on the default."""
     rows = {}
     default = summary["default"]
     nominal = emulated_topology(rate_mbit, hidden_size, default["row_bytes"])
-    alpha = fit_latency_us(np.asarray(default["sends_RR_per_call"]), default["alltoall_s_per_layer"], nominal)
+    calls_per_layer = max(ALLTOALLS_PER_LAYER, default.get("alltoall_calls_per_step", 0) / num_layers)
+    alpha = fit_latency_us(np.asarray(default["sends_RR_per_call"]), default["alltoall_s_per_layer"], nominal,
+                           calls_per_layer)
     fitted = emulated_topology(rate_mbit, hidden_size, default["row_bytes"], latency_us=alpha)
     for layout, figures in summary.items():
         sends_RR = np.asarray(figures["sends_RR_per_call"])
         measured = figures["alltoall_s_per_layer"]
-        predicted = ALLTOALLS_PER_LAYER * alltoall_seconds(sends_RR, nominal)
-        predicted_fitted = ALLTOALLS_PER_LAYER * alltoall_seconds(sends_RR, fitted)
+        predicted = layer_seconds(sends_RR, nominal, figures, num_layers)
+        predicted_fitted = layer_seconds(sends_RR, fitted, figures, num_layers)
         rows[layout] = {"measured_s": measured, "predicted_s": predicted, "error": predicted / measured - 1,
                         "predicted_fitted_s": predicted_fitted, "error_fitted": predicted_fitted / measured - 1}
     return {"alpha_fitted_us": alpha, "topology": nominal.describe(), "layouts": rows}
 
 
 def calibration_lines(calibration: dict) -> list[str]:
-    lines = [f"α–β model vs measured all-to-all time per MoE layer (4 all-to-alls; model: {calibration['topology']};"
+    lines = [f"α–β model vs measured all-to-all time per MoE layer (4 of hidden rows + the routing probabilities'; "
+             f"model: {calibration['topology']};"
              f" α fitted on the default layout: {calibration['alpha_fitted_us']:.0f} µs per message)",
              "| layout | measured ms/layer | predicted, α=0 | error | predicted, fitted α | error |",
              "|---|---:|---:|---:|---:|---:|"]

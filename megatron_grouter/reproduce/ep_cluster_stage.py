@@ -251,7 +251,7 @@ def summarise(layout: str, out_dir: Path, marks: list[dict], settings: ClusterSe
     return {"layout": layout, "tokens_per_s": rate, "step_s": tokens_per_step / rate,
             "wall_step_s": (last["time"] - first["time"]) / steps, "link_bytes_per_step": sum(link.values()),
             "link_bytes_each_way": link, "losses": {record["step"]: record["loss"] for record in records},
-            **collectives}
+            "marks": marks, **collectives}
 
 
 def collective_times(out_dir: Path, start: float, end: float, steps: int, settings: ClusterSettings) -> dict:
@@ -352,6 +352,13 @@ def table_lines(result: dict) -> list[str]:
               f"(planner's predicted pairs leaving node: "
               + (f"{predicted:.3f}x)" if predicted is not None else "n/a)"),
               f"token all-to-all time per step {planned['alltoall_tokens_s_per_step'] / default['alltoall_tokens_s_per_step']:.3f}x"]
+    runs = result.get("runs") or {}
+    if len(runs.get("default", [])) > 1:  # the spread that the medians hide
+        pairs = list(zip(runs["default"], runs["planned"]))
+        lines.append("per round (default → planned): " + "; ".join(
+            f"{d['step_s'] * 1e3:.0f} → {p['step_s'] * 1e3:.0f} ms/step, tokens/s {p['tokens_per_s'] / d['tokens_per_s']:.3f}x, "
+            f"all-to-all {d['alltoall_s_per_layer'] * 1e3:.0f} → {p['alltoall_s_per_layer'] * 1e3:.0f} ms/layer"
+            for d, p in pairs))
     return lines
 
 
@@ -384,7 +391,7 @@ def pipeline_stage(pipeline, grouters: dict, prefix: str, tokenizer: str) -> Non
         inputs = Inputs(prefix, tokenizer, str(Path(prefix).parent), str(tuned_grouter), str(grouters["cache"]))
         plan_ep_inputs(inputs, stage.directory / "plan-ep4.npz", settings)
         result = compare(inputs, settings, stage.directory / "runs", log=pipeline._say)
-        calibration = calibrate(result["summary"], settings.rate_mbit, settings.hidden_size)
+        calibration = calibrate(result["summary"], settings.rate_mbit, settings.hidden_size, settings.num_layers)
         return {"table": table_lines(result) + [""] + calibration_lines(calibration),
                 "summary": result["summary"], "plan_ratios": result["plan_ratios"]}
 
