@@ -194,7 +194,8 @@ def headline_lines(spec: HeadlineSpec, top: dict, per_seed: dict) -> list[str]:
                      f"{_pm(learned['mean'], learned['std'])}×; ≥ {spec.bar}× on every seed: {learned['verdict']}.")
     for name, control in (top.get("controls") or {}).items():
         diff = control["minus_router"]
-        lines.append(f"- Control `{name}`: against the same rival {_pm(control['mean'], control['std'])}× "
+        shown = (f"{_pm(control['mean'], control['std'])}× " if control["mean"] is not None else "")
+        lines.append(f"- Control `{name}`: against the same rival {shown}"
                      f"({', '.join(_fmt(ratio, '{:.2f}×', 'not reached') for ratio in control['ratios'])}); final loss "
                      f"minus `{spec.router}`'s {_pm(diff['mean'], diff['std'], '{:+.4f}')}"
                      + (f" (paired t = {diff['t']:.2f})" if diff["t"] is not None else "") + ".")
