@@ -123,7 +123,7 @@ def test_mg_train_composes_its_config(installed):
 def test_tool_and_reproduce_apps_find_their_groups(installed):
     result = _run([installed["bin"] / "mg-reproduce", "experiment=quick", "--help"],
                   cwd=installed["work"], env=installed["env"])
-    assert "experiment: paper, quick, standard" in result.stdout, result.stdout
+    assert "experiment: ablations, paper, quick, standard" in result.stdout, result.stdout
     result = _run([installed["bin"] / "mg-plan-ep", "--cfg", "job"], cwd=installed["work"], env=installed["env"])
     assert result.stdout.strip(), result.stderr
 
