@@ -15,7 +15,7 @@ exchanges always describe the routing its router produced.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -28,6 +28,8 @@ class RoutingRule:
     slot_of_expert: torch.Tensor | None = None  # [E] source expert -> model slot (a permutation)
     scaling_factor: float = 1.0
     activation_threshold: float | None = None  # keep the top copies whose weights sum to <= this
+    # slot_of_expert copied to other devices (filled by _slot_table; not part of the rule's identity)
+    slot_tables: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -46,17 +48,13 @@ class RoutedTokens:
         return RoutedTokens(*(tensor.pin_memory() for tensor in (self.slots, self.weights, self.routed)))
 
 
-_SLOT_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
 def _slot_table(rule: RoutingRule, device: torch.device) -> torch.Tensor:
-    """The rule's slot permutation on `device`, copied there once per run (not per micro-batch)."""
+    """The rule's slot permutation on `device`, copied there once per rule (not per micro-batch)."""
     if rule.slot_of_expert.device == device:
         return rule.slot_of_expert
-    key = (id(rule.slot_of_expert), device)
-    if key not in _SLOT_TABLES:
-        _SLOT_TABLES[key] = rule.slot_of_expert.to(device)
-    return _SLOT_TABLES[key]
+    if device not in rule.slot_tables:
+        rule.slot_tables[device] = rule.slot_of_expert.to(device)
+    return rule.slot_tables[device]
 
 
 def threshold_mask(weights_TK: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ resumes with train.resume=auto.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from types import FrameType
@@ -68,9 +69,7 @@ class PreemptionWatch:
                             device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        if self.device.type != "cpu":
-            return bool(flag.item())
-        with host_data():  # a gloo flag on the host
+        with host_data() if self.device.type == "cpu" else contextlib.nullcontext():  # a gloo flag: host data
             return bool(flag.item())
 
 

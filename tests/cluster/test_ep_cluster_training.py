@@ -37,16 +37,22 @@ def _single_process_overrides(inputs, out_dir) -> list[str]:
     return [item for item in overrides if not item.startswith(dropped)]
 
 
-def test_ep4_over_two_emulated_nodes_trains_like_ep1(inputs, tmp_path):
+def run_like_ep1(layout: str, inputs, tmp_path) -> dict:
+    """Run `layout` at EP=4 over the emulated nodes; assert its losses equal one process's."""
     from megatron_grouter.runtime.distributed import free_port
 
     with EmulatedCluster(SETTINGS.rate_mbit) as cluster:
-        result = stage.run_layout(cluster, "default", inputs, SETTINGS, tmp_path / "ep4", free_port())
+        result = stage.run_layout(cluster, layout, inputs, SETTINGS, tmp_path / "ep4", free_port())
     torchrun(1, _single_process_overrides(inputs, tmp_path / "ep1"))
     reference = train_losses(tmp_path / "ep1")
     assert sorted(result["losses"]) == sorted(reference) == [1, 2, 3]
     for step, loss in reference.items():
-        assert result["losses"][step] == pytest.approx(loss, rel=2e-6, abs=1e-6)
+        assert result["losses"][step] == pytest.approx(loss, rel=2e-6, abs=1e-6), step
+    return result
+
+
+def test_ep4_over_two_emulated_nodes_trains_like_ep1(inputs, tmp_path):
+    result = run_like_ep1("default", inputs, tmp_path)
     # the benchmark's figures come from this run: bytes crossed the link, and token all-to-alls sent
     # rows between the nodes (calls are attributed to steps by time between metric records, so a
     # step's count is approximate — 7 of the 8 per step was seen on a loaded machine)
@@ -58,14 +64,6 @@ def test_ep4_over_two_emulated_nodes_trains_like_ep1(inputs, tmp_path):
 def test_planned_layout_over_two_emulated_nodes_trains_like_ep1(inputs, tmp_path):
     """mg-plan-ep's layout (expert groups + sample placement) with the planned dispatcher: the same
     global batches and the same expert weights per Grouter expert, so EP=1's losses again."""
-    from megatron_grouter.runtime.distributed import free_port
-
     stage.plan_ep_inputs(inputs, tmp_path / "plan.npz", SETTINGS)
-    with EmulatedCluster(SETTINGS.rate_mbit) as cluster:
-        result = stage.run_layout(cluster, "planned", inputs, SETTINGS, tmp_path / "ep4", free_port())
-    torchrun(1, _single_process_overrides(inputs, tmp_path / "ep1"))
-    reference = train_losses(tmp_path / "ep1")
-    assert sorted(result["losses"]) == sorted(reference) == [1, 2, 3]
-    for step, loss in reference.items():
-        assert result["losses"][step] == pytest.approx(loss, rel=2e-6, abs=1e-6), step
+    result = run_like_ep1("planned", inputs, tmp_path)
     assert result["collectives_per_rank"][0]["alltoall_metadata"] == 0  # plans looked up: no count exchange
